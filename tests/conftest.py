@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+from hapo_kernels.dispatch import force_backend, triton_interpret
+
+# Kernel tests need the interpreter (set before the first import) or a GPU.
+KERNELS_RUNNABLE = triton_interpret() or torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "kernel" in item.keywords and not KERNELS_RUNNABLE:
+            item.add_marker(pytest.mark.skip(reason="kernel tests need TRITON_INTERPRET=1 or a "
+                                              "GPU; `make test` runs them under the interpreter"))
+
+
+@pytest.fixture(params=["cpu", pytest.param("triton", marks=pytest.mark.kernel)])
+def backend(request):
+    """Run a test once on the chunked torch path and once on the Triton kernels."""
+    with force_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
