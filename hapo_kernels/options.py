@@ -35,6 +35,8 @@ SCALE_CODE = {name: i for i, name in enumerate(SCALES)}
 STATS_CODE = {name: i for i, name in enumerate(STATS)}
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The float64 reference also takes float64 logits, so tests can differentiate it in float64.
+REFERENCE_DTYPES = LOGIT_DTYPES + (torch.float64,)
 
 
 def _choice(name: str, value, choices, aliases=None) -> str:
@@ -142,11 +144,14 @@ def parse_loss_options(*, temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=
 
 # --------------------------------------------------------------------------- tensor checks
 def check_logits_and_targets(logits: torch.Tensor, target_ids: torch.Tensor,
-                             ignore_index: int = IGNORE_INDEX):
+                             ignore_index: int = IGNORE_INDEX, *, dtypes=LOGIT_DTYPES,
+                             vocab_size=None):
     """Check shapes, dtypes, devices and target range; return (rows, V, batch_shape).
 
     ``logits`` is ``[B, T, V]`` with targets ``[B, T]`` or packed ``[N, V]`` with ``[N]``.
     The check reads the targets once (a reduction on their device), never the logits.
+    ``vocab_size``: the range of the target ids when ``logits`` holds a slice of the
+    vocabulary (vocab-parallel); ``V`` by default.
     """
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -155,8 +160,9 @@ def check_logits_and_targets(logits: torch.Tensor, target_ids: torch.Tensor,
     if logits.dim() not in (2, 3):
         raise ValueError("logits must be [B, T, V] or packed [N, V] (a vocabulary dimension "
                          f"last), got shape {tuple(logits.shape)}")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"logits must be one of {names}; got {logits.dtype}")
     if target_ids.dtype.is_floating_point or target_ids.dtype.is_complex \
             or target_ids.dtype == torch.bool:
         raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
@@ -172,6 +178,7 @@ def check_logits_and_targets(logits: torch.Tensor, target_ids: torch.Tensor,
         raise ValueError("logits must be contiguous in the vocabulary dimension (stride 1); "
                          "call .contiguous() on the tensor first")
     valid = target_ids != ignore_index
+    V = V if vocab_size is None else vocab_size
     if target_ids.numel() and bool(((target_ids < 0) | (target_ids >= V))[valid].any()):
         bad = target_ids[valid & ((target_ids < 0) | (target_ids >= V))][0].item()
         raise ValueError(f"target_ids holds {bad}, outside [0, {V}) (ignore_index="
@@ -219,9 +226,10 @@ class LossTensors:
 
 def check_loss_tensors(logits, target_ids, advantages, *, mask=None, old_logp=None,
                        ref_logp=None, teacher_mask=None, ignore_index=IGNORE_INDEX,
-                       opts: LossOptions) -> LossTensors:
+                       opts: LossOptions, dtypes=LOGIT_DTYPES, vocab_size=None) -> LossTensors:
     """Validate every tensor input of the loss before any kernel runs (DESIGN section 9)."""
-    check_logits_and_targets(logits, target_ids, ignore_index)
+    check_logits_and_targets(logits, target_ids, ignore_index, dtypes=dtypes,
+                             vocab_size=vocab_size)
     batch_shape = tuple(target_ids.shape)
     shape2d = batch_shape if len(batch_shape) == 2 else (1, batch_shape[0])
     dev = logits.device

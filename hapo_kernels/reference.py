@@ -19,7 +19,7 @@ from .outputs import LossOutput
 # --------------------------------------------------------------------------- section 3
 def log_probs(logits, target_ids, temperature=1.0, ignore_index=O.IGNORE_INDEX):
     """float64 ``(logp, entropy)`` of the target tokens; 0 where ``target == ignore_index``."""
-    O.check_logits_and_targets(logits, target_ids, ignore_index)
+    O.check_logits_and_targets(logits, target_ids, ignore_index, dtypes=O.REFERENCE_DTYPES)
     temperature = O.check_temperature(temperature)
     z = logits.double() / temperature
     lse = torch.logsumexp(z, dim=-1)
@@ -33,10 +33,11 @@ def log_probs(logits, target_ids, temperature=1.0, ignore_index=O.IGNORE_INDEX):
 
 # --------------------------------------------------------------------------- section 4
 def token_objective(logp, entropy, advantages, valid, *, old_logp=None, ref_logp=None,
-                    teacher=None, opts: O.LossOptions):
+                    teacher=None, opts: O.LossOptions, segments=None):
     """Per-token loss ``l`` (0 on invalid tokens) and per-token metric tensors.
 
-    All tensors are ``[B, T]``. Returns a dict with ``loss``, ``ratio``, ``clip_low``,
+    All tensors are ``[B, T]`` (a sequence per row), or packed tokens with ``segments``
+    (a ``packed.Segments``: a sequence per segment). Returns a dict with ``loss``, ``ratio``, ``clip_low``,
     ``clip_high`` and ``kl`` (``None`` without ``ref_logp``).
     """
     dt = logp.dtype
@@ -44,7 +45,9 @@ def token_objective(logp, entropy, advantages, valid, *, old_logp=None, ref_logp
     A = advantages.to(dt)
     old = logp.detach() if old_logp is None else old_logp.to(dt)
     log_ratio = torch.where(valid, logp - old, torch.zeros_like(logp))
-    if opts.importance_sampling == "sequence":           # GSPO: one ratio per sequence
+    if opts.importance_sampling == "sequence" and segments is not None:
+        rho = torch.exp(segments.mean(log_ratio, m))     # GSPO on packed sequences
+    elif opts.importance_sampling == "sequence":         # GSPO: one ratio per sequence
         seq = (m * log_ratio).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
         rho = torch.exp(seq).expand_as(logp)
     else:
@@ -118,7 +121,8 @@ def hapo_loss(logits, target_ids, advantages, mask=None, old_logp=None, ref_logp
     opts = O.parse_loss_options(**options)
     t = O.check_loss_tensors(logits, target_ids, advantages, mask=mask, old_logp=old_logp,
                              ref_logp=ref_logp, teacher_mask=teacher_mask,
-                             ignore_index=ignore_index, opts=opts)
+                             ignore_index=ignore_index, opts=opts,
+                             dtypes=O.REFERENCE_DTYPES)
     shape2d = t.targets.shape
     logp, ent = log_probs(logits.reshape(*shape2d, logits.shape[-1]), t.targets,
                           opts.temperature, ignore_index)
@@ -167,13 +171,16 @@ def check_groups(rewards, group_size, inject=None):
 
 
 def group_advantages(rewards, group_size, inject=None, teacher_reward=O.TEACHER_REWARD,
-                     scale="group", stats="all", eps=O.ADVANTAGE_EPS):
-    """float64 advantages ``[P*G]`` and the replaced index per group (-1 where none)."""
+                     scale="group", stats="all", eps=O.ADVANTAGE_EPS, dtype=torch.float64):
+    """Advantages ``[P*G]`` (float64, or ``dtype``) and the replaced index per group (-1: none).
+
+    ``dtype=torch.float32`` is the CPU path of ``hapo_kernels.group_advantages``.
+    """
     P = check_groups(rewards, group_size, inject)
     scale, stats = O.check_scale(scale), O.check_stats(stats)
     eps = O._number("eps", eps, low=0.0)
     G = group_size
-    r = rewards.double().reshape(P, G).clone()
+    r = rewards.to(dtype).reshape(P, G).clone()
     replaced = torch.full((P,), -1, dtype=torch.long, device=rewards.device)
     teacher = torch.zeros(P, G, dtype=torch.bool, device=rewards.device)
     if inject is not None and bool(inject.any()):
@@ -183,7 +190,7 @@ def group_advantages(rewards, group_size, inject=None, teacher_reward=O.TEACHER_
         teacher[rows, k[rows]] = True
         replaced[rows] = k[rows]
     member = ~teacher if stats == "on-policy" else torch.ones_like(teacher)
-    w = member.double()
+    w = member.to(dtype)
     n = w.sum(1, keepdim=True)
     mean = (w * r).sum(1, keepdim=True) / n.clamp(min=1.0)
     if scale == "none":

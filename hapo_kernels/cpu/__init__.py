@@ -1,0 +1,1 @@
+"""Chunked torch implementations used on CPU tensors (DESIGN section 2)."""

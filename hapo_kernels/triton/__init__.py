@@ -1,0 +1,1 @@
+"""Triton kernels: run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
