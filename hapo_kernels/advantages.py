@@ -1,0 +1,38 @@
+"""``group_advantages``: group-normalised advantages with SSI substitution (DESIGN section 6).
+
+Validates, then dispatches: the Triton kernel on CUDA (or under ``TRITON_INTERPRET=1``),
+the float32 CPU path otherwise. Both follow ``reference.group_advantages``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import options as O
+from . import reference
+from .dispatch import backend_for
+
+
+def group_advantages(rewards, group_size, inject=None, teacher_reward=O.TEACHER_REWARD,
+                     scale="group", stats="all", eps=O.ADVANTAGE_EPS):
+    """Advantages ``[P*G]`` (float32) and the replaced member index per group (int64, -1: none).
+
+    ``rewards`` is ``[P*G]`` with the G rollouts of prompt p at ``p*G .. p*G+G-1``;
+    ``inject`` ``[P]`` bool marks the groups whose worst member (lowest reward, first index on
+    ties) is replaced by a teacher demonstration with reward ``teacher_reward``. ``scale``:
+    ``"group"`` ``(r - mean) / (std + eps)``, ``"batch"`` (one std for the batch) or
+    ``"none"`` ``(r - mean)``; ``stats``: ``"all"`` members or ``"on-policy"`` (teacher
+    excluded from mean and std). Never NaN.
+    """
+    reference.check_groups(rewards, group_size, inject)
+    scale, stats = O.check_scale(scale), O.check_stats(stats)
+    eps = O._number("eps", eps, low=0.0)
+    teacher_reward = O._number("teacher_reward", teacher_reward)
+    if rewards.dtype.is_complex:
+        raise ValueError(f"rewards must be real, got {rewards.dtype}")
+    if inject is not None and inject.dtype != torch.bool:
+        raise ValueError(f"inject must be a bool tensor, got {inject.dtype}")
+    if backend_for(rewards) == "triton":
+        from .triton.advantages import group_advantages as run
+    else:
+        from .cpu.advantages import group_advantages as run
+    return run(rewards, group_size, inject, teacher_reward, scale, stats, eps)

@@ -1,0 +1,180 @@
+"""``fused_hapo_loss`` / ``FusedHAPOLoss``: the HAPO/GRPO loss and its gradient in one pass.
+
+DESIGN sections 3-5 and 8. Inputs are validated (``options``), the aggregation weights are
+computed from the mask before the launch (``aggregation``: ``loss = sum w * l``), and the
+forward writes the gradient of the logits at the same time as the loss (Triton kernel on
+CUDA or under ``TRITON_INTERPRET=1``, chunked torch on CPU). The backward only scales the
+saved gradient by ``grad_output``, and skips even that when ``grad_output`` is exactly 1.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import options as O
+from .advantages import group_advantages
+from .aggregation import aggregation_weights
+from .cpu.loss import RowInputs
+from .dispatch import backend_for
+from .outputs import LossOutput
+
+PER_TOKEN = ("loss", "logp", "entropy", "ratio", "clip_low", "clip_high", "kl")
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the loss writes comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _backend(logits):
+    if backend_for(logits) == "triton":
+        from .triton import loss as impl
+    else:
+        from .cpu import loss as impl
+    return impl
+
+
+class FusedHAPOLoss(torch.autograd.Function):
+    """The autograd Function behind ``fused_hapo_loss``.
+
+    ``FusedHAPOLoss.apply(logits, rows, opts, inplace_grad, grad_wanted)`` with ``rows`` a
+    ``cpu.loss.RowInputs`` (validated, flat per-token inputs and aggregation weights) and
+    ``opts`` an ``options.LossOptions``; ``grad_wanted`` is whether autograd will want the
+    gradient (grad mode on and ``logits.requires_grad``: inside ``forward`` grad mode is
+    always off, and ``needs_input_grad`` ignores ``torch.no_grad``). Returns ``(loss,
+    per_token_loss, logp, entropy, ratio, clip_low, clip_high, kl)``: ``loss`` is
+    differentiable w.r.t. ``logits``, the rest are flat ``[rows]`` float32 (clip flags int8;
+    ``kl`` empty without ``ref_logp``).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows: RowInputs, opts: O.LossOptions, inplace_grad: bool,
+                grad_wanted: bool = True):
+        device, n = logits.device, rows.B * rows.T
+        has_ref = rows.ref_logp is not None
+        out = {k: _empty(n, torch.float32, device) for k in PER_TOKEN if k != "kl"}
+        out["clip_low"] = _empty(n, torch.int8, device)
+        out["clip_high"] = _empty(n, torch.int8, device)
+        out["kl"] = _empty(n, torch.float32, device) if has_ref else None
+        need_grad = ctx.needs_input_grad[0] and grad_wanted
+        grad = None
+        if need_grad:
+            grad = logits if inplace_grad else _empty(logits.shape, logits.dtype, device)
+        _backend(logits).hapo_loss_rows(logits, rows, opts, out, grad)
+        if need_grad and inplace_grad:
+            # The logits now hold their gradient. Bump the version counter so that autograd
+            # refuses any other use of them that saved them (no silent wrong gradients).
+            torch.autograd.graph.increment_version(logits)
+        ctx.inplace = inplace_grad
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        loss = out["loss"].sum(dtype=torch.float64).to(torch.float32)
+        kl = out["kl"] if has_ref else torch.empty(0, device=device)
+        extras = (out["loss"], out["logp"], out["entropy"], out["ratio"], out["clip_low"],
+                  out["clip_high"], kl)
+        ctx.mark_non_differentiable(*extras)
+        return (loss,) + extras
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        (grad,) = ctx.saved_tensors
+        if grad_loss is not None and float(grad_loss) != 1.0:
+            g = grad_loss.to(grad.dtype)
+            # In place where the gradient already lives in the logits' storage; the saved
+            # tensor's version then changes, so a second backward raises instead of rescaling.
+            grad = grad.mul_(g) if ctx.inplace else grad * g
+        return grad, None, None, None, None
+
+
+def _rewards_to_advantages(rewards, group_size, inject, teacher_reward, scale, stats, eps,
+                           batch_shape, device):
+    if group_size is None:
+        raise ValueError("rewards= needs group_size= (rollouts per prompt)")
+    if not isinstance(rewards, torch.Tensor):
+        raise ValueError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    n_seq = batch_shape[0] if len(batch_shape) == 2 else 1
+    if tuple(rewards.shape) != (n_seq,):
+        raise ValueError(f"rewards must have shape ({n_seq},) (one per sequence), got "
+                         f"{tuple(rewards.shape)}")
+    if rewards.device != device:
+        raise ValueError(f"rewards is on {rewards.device} but logits on {device}")
+    return group_advantages(rewards, group_size, inject=inject, teacher_reward=teacher_reward,
+                            scale=scale, stats=stats, eps=eps)
+
+
+def fused_hapo_loss(logits, target_ids, advantages=None, mask=None, old_logp=None,
+                    ref_logp=None, teacher_mask=None, temperature=1.0, eps_low=0.2,
+                    eps_high=0.2, dual_clip=None, beta=0.0, entropy_coef=0.0,
+                    importance_sampling="token", teacher_objective="shaped",
+                    teacher_gamma=O.TEACHER_GAMMA, sft_weight=1.0, aggregation="token-mean",
+                    normalizer=None, max_len=None, inplace_grad=False,
+                    ignore_index=O.IGNORE_INDEX, *, rewards=None, group_size=None,
+                    scale="group", stats="all", eps=O.ADVANTAGE_EPS, inject=None,
+                    teacher_reward=O.TEACHER_REWARD) -> LossOutput:
+    """The HAPO/GRPO loss of DESIGN sections 3-5; ``out.loss`` is differentiable w.r.t. logits.
+
+    ``logits`` ``[B, T, V]`` (strided views accepted without a copy) with ``target_ids``
+    ``[B, T]``, or packed ``[N, V]`` with ``[N]``. ``advantages`` ``[B]`` or ``[B, T]``; or
+    instead ``rewards`` ``[B]`` with ``group_size`` (and ``scale``, ``stats``, ``eps``,
+    ``inject``, ``teacher_reward``): group advantages are computed in the call, and the
+    members replaced by SSI (``inject``) are treated as teacher tokens in addition to
+    ``teacher_mask``. ``inplace_grad=True`` writes the gradient into the logits' storage
+    (the logits are consumed; autograd refuses other saved uses of them).
+    """
+    opts = O.parse_loss_options(
+        temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+        beta=beta, entropy_coef=entropy_coef, importance_sampling=importance_sampling,
+        teacher_objective=teacher_objective, teacher_gamma=teacher_gamma,
+        sft_weight=sft_weight, aggregation=aggregation, normalizer=normalizer,
+        max_len=max_len)
+    if not isinstance(inplace_grad, bool):
+        raise ValueError(f"inplace_grad must be a bool, got {inplace_grad!r}")
+    O.check_logits_and_targets(logits, target_ids, ignore_index)
+    replaced = None
+    if rewards is not None:
+        if advantages is not None:
+            raise ValueError("pass either advantages or rewards= (with group_size=), not both")
+        advantages, replaced = _rewards_to_advantages(
+            rewards, group_size, inject, teacher_reward, scale, stats, eps,
+            tuple(target_ids.shape), logits.device)
+    elif group_size is not None or inject is not None:
+        raise ValueError("group_size= and inject= go with rewards=; got advantages instead")
+    t = O.check_loss_tensors(logits, target_ids, advantages, mask=mask, old_logp=old_logp,
+                             ref_logp=ref_logp, teacher_mask=teacher_mask,
+                             ignore_index=ignore_index, opts=opts)
+    B, T = t.targets.shape
+    teacher = t.teacher
+    if replaced is not None and inject is not None:
+        seq = torch.arange(B, device=logits.device)
+        G = group_size
+        hit = (replaced[seq // G] == seq % G)
+        teacher = teacher | hit[:, None]
+    weights = aggregation_weights(t.valid, opts)
+
+    def flat(x, dtype=torch.float32):
+        return None if x is None else x.reshape(-1).to(dtype).contiguous()
+
+    rows = RowInputs(B=B, T=T, targets=t.targets.reshape(-1).contiguous(),
+                     ignore_index=int(ignore_index), valid=flat(t.valid, torch.bool),
+                     advantages=flat(t.advantages), old_logp=flat(t.old_logp),
+                     ref_logp=flat(t.ref_logp), teacher=flat(teacher, torch.bool),
+                     weights=flat(weights))
+    loss, _, logp, ent, ratio, clip_lo, clip_hi, kl = FusedHAPOLoss.apply(
+        logits, rows, opts, inplace_grad, torch.is_grad_enabled() and logits.requires_grad)
+
+    m = rows.valid.to(torch.float32)
+    count = m.sum().clamp(min=1.0)
+
+    def mean(x):
+        return (x.to(torch.float32) * m).sum() / count
+
+    return LossOutput(
+        loss=loss,
+        per_token_logp=logp.reshape(t.batch_shape),
+        per_token_entropy=ent.reshape(t.batch_shape),
+        logp=mean(logp), entropy=mean(ent),
+        kl=mean(kl) if rows.ref_logp is not None else None,
+        clip_low=mean(clip_lo), clip_high=mean(clip_hi), ratio=mean(ratio),
+        teacher_fraction=mean(rows.teacher),
+        advantages=advantages.detach() if rewards is not None else None,
+        replaced=replaced,
+    )

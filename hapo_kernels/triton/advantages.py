@@ -1,0 +1,100 @@
+"""Group advantages with SSI substitution: a Triton kernel (DESIGN section 6).
+
+One program per group; the group's G rewards sit in one block (G padded to a power of two).
+The program substitutes the worst member of an injected group (first index on ties) by
+``teacher_reward``, computes the group mean and Bessel std over the counted members
+(``stats``), and writes the advantages and the replaced index. ``scale="batch"`` needs one
+std over the whole batch: a first launch writes the substituted rewards, torch reduces them,
+and a second launch divides by that std.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..options import SCALE_CODE, STATS_CODE
+
+
+@triton.jit
+def _group_advantages_kernel(r_ptr, inject_ptr, adv_ptr, r_sub_ptr, member_ptr, replaced_ptr,
+                             batch_std_ptr, G, teacher_reward, eps,
+                             HAS_INJECT: tl.constexpr, SCALE: tl.constexpr,
+                             STATS: tl.constexpr, BLOCK_G: tl.constexpr):
+    group = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_G)
+    in_group = cols < G
+    offs = group * G + cols
+    r = tl.load(r_ptr + offs, mask=in_group, other=0.0).to(tl.float32)
+
+    # SSI: the lowest reward (first index on ties) becomes the teacher demonstration.
+    teacher = cols < 0
+    replaced = tl.full((), -1, tl.int64)
+    if HAS_INJECT:
+        inject = tl.load(inject_ptr + group) != 0
+        r_min = tl.min(tl.where(in_group, r, float("inf")), axis=0)
+        k = tl.min(tl.where(in_group & (r == r_min), cols, BLOCK_G), axis=0)
+        teacher = (cols == k) & inject
+        r = tl.where(teacher, teacher_reward, r)
+        replaced = tl.where(inject, k.to(tl.int64), replaced)
+    tl.store(replaced_ptr + group, replaced)
+
+    member = in_group                               # STATS == 0: "all"
+    if STATS == 1:                                  # "on-policy": the teacher is not counted
+        member = in_group & (~teacher)
+    wm = member.to(tl.float32)
+    n = tl.sum(wm, axis=0)
+    mean = tl.sum(wm * r, axis=0) / tl.maximum(n, 1.0)
+    centred = r - mean
+    if SCALE == 2:                                  # "none" (Dr. GRPO)
+        adv = centred
+    else:
+        if SCALE == 0:                              # "group": Bessel std of this group
+            var = tl.sum(wm * centred * centred, axis=0) / tl.maximum(n - 1.0, 1.0)
+            std = tl.where(n >= 2, tl.sqrt(var), 0.0)
+        else:                                       # "batch": reduced by the caller
+            std = tl.load(batch_std_ptr)
+        denom = std + eps
+        # eps = 0 with a constant group would be 0/0: no signal, A = 0. Never NaN.
+        adv = tl.where(denom > 0, centred / tl.where(denom > 0, denom, 1.0), 0.0)
+    tl.store(adv_ptr + offs, adv, mask=in_group)
+    tl.store(r_sub_ptr + offs, r, mask=in_group)
+    tl.store(member_ptr + offs, member.to(tl.int8), mask=in_group)
+
+
+def _batch_std(r_sub: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """Bessel std over every counted member of the batch (0 with fewer than two)."""
+    w = member.to(torch.float32)
+    n = w.sum()
+    mean = (w * r_sub).sum() / n.clamp(min=1.0)
+    var = (w * (r_sub - mean) ** 2).sum() / (n - 1).clamp(min=1.0)
+    return torch.where(n >= 2, var.sqrt(), torch.zeros_like(var)).reshape(1)
+
+
+def group_advantages(rewards, group_size, inject, teacher_reward, scale, stats, eps):
+    """float32 advantages ``[P*G]`` and int64 replaced indices ``[P]`` (validated inputs)."""
+    device = rewards.device
+    G = group_size
+    P = rewards.numel() // G
+    adv = torch.empty(P * G, dtype=torch.float32, device=device)
+    replaced = torch.empty(P, dtype=torch.int64, device=device)
+    if P == 0:
+        return adv, replaced
+    r = rewards.reshape(-1).to(torch.float32).contiguous()
+    r_sub = torch.empty_like(adv)
+    member = torch.empty(P * G, dtype=torch.int8, device=device)
+    inj = r if inject is None else inject.reshape(-1).to(torch.int8).contiguous()
+    block = max(16, triton.next_power_of_2(G))
+
+    def launch(scale_code, batch_std):
+        _group_advantages_kernel[(P,)](
+            r, inj, adv, r_sub, member, replaced, batch_std, G, float(teacher_reward),
+            float(eps), HAS_INJECT=inject is not None, SCALE=scale_code,
+            STATS=STATS_CODE[stats], BLOCK_G=block)
+
+    if scale == "batch":
+        launch(SCALE_CODE["none"], adv)             # substituted rewards and members
+        launch(SCALE_CODE["batch"], _batch_std(r_sub, member))
+    else:
+        launch(SCALE_CODE[scale], adv)
+    return adv, replaced

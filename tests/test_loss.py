@@ -1,0 +1,419 @@
+"""fused_hapo_loss against the float64 reference: loss, gradients and metrics, both paths."""
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hapo_kernels as hk
+import hapo_kernels.loss as hk_loss
+from hapo_kernels import reference as R
+from hapo_kernels.dispatch import force_backend
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+AGGREGATIONS = [  # (aggregation, extra options): every mode and alias
+    ("token-mean", {}), ("seq-mean-token-mean", {}), ("seq-mean-token-sum", {}),
+    ("seq-mean-token-sum-norm", {}), ("grpo", {}), ("dr_grpo", {}), ("bnpo", {}),
+    ("dapo", {}), ("token-mean", {"normalizer": 7.5}), ("dr_grpo", {"max_len": 9}),
+]
+OPTION_VALUES = {
+    "importance_sampling": ["token", "sequence"],
+    "teacher_objective": ["shaped", "sft", "ratio"],
+    "beta": [0.0, 0.1],
+    "dual_clip": [None, 3.0],
+    "entropy_coef": [0.0, 0.01],
+    "temperature": [1.0, 0.7],
+}
+INPUT_VALUES = {
+    "old": [True, False],
+    "per_token_adv": [False, True],
+    "per_token_teacher": [False, True],
+    "dtype": [torch.float32, torch.bfloat16],
+    "shape": [(3, 5, 37), (2, 1, 37), (3, 5, 37), (2, 3, 4099)],
+}
+
+
+def pairwise_configs(n=30):
+    """n configurations covering every value of every option several times.
+
+    Each option runs through balanced, independently shuffled cycles of its values, so
+    pairs of values vary across configurations (not the full cartesian product: the
+    interpreter is slow; the CPU path gets the product in test_full_option_product_cpu).
+    """
+    import random
+    values = {**OPTION_VALUES, **INPUT_VALUES}
+    columns = {}
+    for k, (name, vals) in enumerate(values.items()):
+        rng, col = random.Random(k), []
+        while len(col) < n:
+            cycle = list(range(len(vals)))
+            rng.shuffle(cycle)
+            col += cycle
+        columns[name] = [vals[j] for j in col[:n]]
+    configs = []
+    for i in range(n):
+        agg, extra = AGGREGATIONS[i % len(AGGREGATIONS)]
+        configs.append({"aggregation": agg, **extra,
+                        **{name: col[i] for name, col in columns.items()}})
+    for name, vals in values.items():     # the claim above, checked
+        for v in vals:
+            assert sum(c[name] == v for c in configs) >= 2, (name, v)
+    return configs
+
+
+def make_inputs(shape, *, dtype=torch.float32, old=True, per_token_adv=False,
+                per_token_teacher=False, packed=False, seed=0):
+    """Fresh random inputs: a fully masked sequence, an ignore_index target, teacher rows."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = shape
+    x = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    if B > 2:
+        mask[-1] = 0                       # a fully masked sequence
+    if T > 1:
+        y[0, 1] = -100                     # an ignored target
+        mask[min(1, B - 1), T - 1] = 0
+    logp_true, _ = R.log_probs(x.double(), y)
+    adv = torch.randn(B, T, generator=g) if per_token_adv else torch.randn(B, generator=g)
+    old_logp = (logp_true + 0.3 * torch.randn(B, T, generator=g)).float() if old else None
+    ref_logp = (logp_true + 0.3 * torch.randn(B, T, generator=g)).float()
+    if per_token_teacher:
+        teacher = torch.rand(B, T, generator=g) < 0.3
+    else:
+        teacher = torch.zeros(B, dtype=torch.bool)
+        teacher[0] = True
+    kw = dict(mask=mask, old_logp=old_logp, ref_logp=ref_logp, teacher_mask=teacher)
+    if packed:   # one sequence [N, V]
+        x, y = x.reshape(B * T, V), y.reshape(B * T)
+        adv = adv.reshape(-1) if per_token_adv else adv[:1]
+        kw = {k: (v.reshape(-1) if v.dim() == 2 else v[:1]) for k, v in kw.items()
+              if v is not None}
+        kw.setdefault("old_logp", None)
+    return x, y, adv, kw
+
+
+def run_ours(x, y, adv, kw, **opts):
+    xg = x.clone().requires_grad_()
+    out = hk.fused_hapo_loss(xg, y, adv, **kw, **opts)
+    out.loss.backward()
+    assert torch.equal(xg.detach(), x) or not torch.isfinite(x).all()   # logits untouched
+    return out, xg.grad
+
+
+def run_reference(x, y, adv, kw, **opts):
+    xr = x.double().requires_grad_()      # the same (rounded) logits the fast path reads
+    out = R.hapo_loss(xr, y, adv, **kw, **opts)
+    out.loss.backward()
+    return out, xr.grad
+
+
+def assert_close_to_reference(out, grad, ref, ref_grad, dtype=torch.float32):
+    rel = 1e-5
+    assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
+    assert abs(out.loss.item() - ref.loss.item()) <= rel * max(1.0, abs(ref.loss.item())), \
+        (out.loss.item(), ref.loss.item())
+    for name in ("logp", "entropy", "kl", "clip_low", "clip_high", "ratio",
+                 "teacher_fraction"):
+        a, b = getattr(out, name), getattr(ref, name)
+        if b is None:
+            assert a is None, name
+            continue
+        assert math.isfinite(float(a)), name
+        assert abs(float(a) - float(b)) <= rel * max(1.0, abs(float(b))), (name, a, b)
+    for a, b in ((out.per_token_logp, ref.per_token_logp),
+                 (out.per_token_entropy, ref.per_token_entropy)):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=rel, atol=rel * max(1.0, b.abs().max()))
+    assert grad.dtype == dtype and grad.shape == ref_grad.shape
+    scale = max(ref_grad.abs().max().item(), 1e-12)
+    # fp32: float32 math; bf16: the gradient is stored in bf16 (8 mantissa bits).
+    atol, rtol = (1e-5 * scale, 1e-4) if dtype == torch.float32 else (1e-2 * scale, 1e-2)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
+
+
+def split(cfg):
+    opts = {k: v for k, v in cfg.items() if k in OPTION_VALUES or k in
+            ("aggregation", "normalizer", "max_len")}
+    inputs = {k: v for k, v in cfg.items() if k in INPUT_VALUES and k != "shape"}
+    return opts, inputs
+
+
+@pytest.mark.parametrize("cfg", pairwise_configs(), ids=lambda c: "-".join(
+    f"{v}" for k, v in c.items() if k not in ("dtype", "shape")) + f"-{c['dtype']}-{c['shape']}")
+def test_matches_reference(backend, cfg):
+    opts, inputs = split(cfg)
+    x, y, adv, kw = make_inputs(cfg["shape"], **inputs)
+    out, grad = run_ours(x, y, adv, kw, **opts)
+    ref, ref_grad = run_reference(x, y, adv, kw, **opts)
+    assert_close_to_reference(out, grad, ref, ref_grad, cfg["dtype"])
+
+
+def test_full_option_product_cpu():
+    """Every combination of the objective options on the CPU path (tiny shapes).
+
+    Aggregation only sets the weights, so it cycles along instead of multiplying the count.
+    """
+    x, y, adv, kw = make_inputs((3, 4, 11), seed=1)
+    names = list(OPTION_VALUES)
+    combos = list(itertools.product(*OPTION_VALUES.values()))
+    with force_backend("cpu"):
+        for i, vals in enumerate(combos):
+            agg, extra = AGGREGATIONS[i % len(AGGREGATIONS)]
+            opts = dict(zip(names, vals), aggregation=agg, **extra)
+            out, grad = run_ours(x, y, adv, kw, **opts)
+            ref, ref_grad = run_reference(x, y, adv, kw, **opts)
+            assert_close_to_reference(out, grad, ref, ref_grad)
+    assert len(combos) == 2 * 3 * 2 * 2 * 2 * 2
+
+
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_packed_input(backend, per_token_adv):
+    x, y, adv, kw = make_inputs((2, 4, 37), packed=True, per_token_adv=per_token_adv)
+    for opts in (dict(), dict(importance_sampling="sequence", entropy_coef=0.01, beta=0.1)):
+        out, grad = run_ours(x, y, adv, kw, **opts)
+        ref, ref_grad = run_reference(x, y, adv, kw, **opts)
+        assert out.per_token_logp.shape == y.shape
+        assert_close_to_reference(out, grad, ref, ref_grad)
+
+
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+def test_strided_view_without_copy(backend, importance_sampling):
+    full = torch.randn(3, 6, 37)
+    y = torch.randint(0, 37, (3, 5))
+    adv = torch.randn(3)
+    view = full[:, :-1]                    # not contiguous: rows at stride 6*37
+    assert not view.is_contiguous()
+    kw = dict(old_logp=None)
+    opts = dict(importance_sampling=importance_sampling, entropy_coef=0.02)
+    fg = full.clone().requires_grad_()
+    out = hk.fused_hapo_loss(fg[:, :-1], y, adv, **kw, **opts)
+    out.loss.backward()
+    ref, ref_grad = run_reference(view.contiguous(), y, adv, kw, **opts)
+    assert_close_to_reference(out, fg.grad[:, :-1], ref, ref_grad)
+    assert fg.grad[:, -1].abs().max() == 0
+
+
+def _poisoned_empty(shape, dtype, device):
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(3)
+
+
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+def test_every_output_written(backend, importance_sampling, monkeypatch):
+    """Buffers (per-token outputs, gradient) start as NaN / 3: every element gets written."""
+    monkeypatch.setattr(hk_loss, "_empty", _poisoned_empty)
+    x, y, adv, kw = make_inputs((3, 5, 37), seed=3)
+    opts = dict(importance_sampling=importance_sampling, beta=0.1, entropy_coef=0.01)
+    out, grad = run_ours(x, y, adv, kw, **opts)
+    assert torch.isfinite(grad).all()
+    for t in (out.loss, out.per_token_logp, out.per_token_entropy):
+        assert torch.isfinite(t).all()
+    ref, ref_grad = run_reference(x, y, adv, kw, **opts)
+    assert_close_to_reference(out, grad, ref, ref_grad)   # clip flags 3 would show here
+
+
+def test_fully_masked_batch(backend):
+    x, y, adv, kw = make_inputs((2, 3, 37))
+    kw["mask"] = torch.zeros(2, 3)
+    for agg in ("token-mean", "grpo", "dr_grpo", "seq-mean-token-sum"):
+        out, grad = run_ours(x, y, adv, kw, aggregation=agg, beta=0.1)
+        assert out.loss.item() == 0.0 and grad.abs().max() == 0
+        assert out.logp.item() == 0.0 and out.kl.item() == 0.0
+
+
+def test_grad_output_scaling_and_no_grad(backend):
+    x, y, adv, kw = make_inputs((2, 3, 37))
+    out, grad = run_ours(x, y, adv, kw)
+    xg = x.clone().requires_grad_()
+    (2.5 * hk.fused_hapo_loss(xg, y, adv, **kw).loss).backward()
+    torch.testing.assert_close(xg.grad, 2.5 * grad)
+    with torch.no_grad():
+        loss = hk.fused_hapo_loss(x.clone().requires_grad_(), y, adv, **kw).loss
+    assert not loss.requires_grad and loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
+    xg = x.clone().requires_grad_()
+    with torch.no_grad():                        # no gradient: the logits stay untouched
+        hk.fused_hapo_loss(xg, y, adv, **kw, inplace_grad=True)
+    assert torch.equal(xg.detach(), x) and xg.grad is None
+    plain = hk.fused_hapo_loss(x, y, adv, **kw)   # logits without grad: no gradient buffer
+    assert plain.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+def test_inplace_grad(backend, importance_sampling):
+    x, y, adv, kw = make_inputs((3, 5, 37), seed=4)
+    opts = dict(importance_sampling=importance_sampling, entropy_coef=0.01)
+    out, grad = run_ours(x, y, adv, kw, **opts)
+    base = x.clone().requires_grad_()
+    h = base * 1.0                               # a non-leaf: its grad flows to `base`
+    squares = (h * h).sum()                      # another op that saved h
+    out_inplace = hk.fused_hapo_loss(h, y, adv, **kw, **opts, inplace_grad=True)
+    assert out_inplace.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
+    torch.testing.assert_close(h.detach(), grad)  # the gradient now lives in h's storage
+    out_inplace.loss.backward(retain_graph=True)
+    torch.testing.assert_close(base.grad, grad)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        squares.backward()                       # refuses, instead of silently wrong grads
+
+
+def test_inplace_grad_scaled_backward_refuses_second_use(backend):
+    x, y, adv, kw = make_inputs((2, 3, 37))
+    _, grad = run_ours(x, y, adv, kw)
+    xg = x.clone().requires_grad_()
+    h = xg * 1.0
+    loss = hk.fused_hapo_loss(h, y, adv, **kw, inplace_grad=True).loss
+    (3.0 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(xg.grad, 3.0 * grad)
+    with pytest.raises(RuntimeError):
+        (3.0 * loss).backward()                  # the saved gradient was rescaled in place
+
+
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+def test_minus_inf_logits_are_nan_free(backend, importance_sampling):
+    """A -inf logit (a banned token) has p = 0 and adds nothing: no NaN (DESIGN section 3)."""
+    x, y, adv, kw = make_inputs((3, 4, 37), seed=5)
+    banned = torch.zeros(37, dtype=torch.bool)
+    banned[[3, 17, 36]] = True
+    y = torch.where(banned[y.clamp(min=0)], torch.zeros_like(y), y)
+    x[:, :, banned] = float("-inf")
+    opts = dict(importance_sampling=importance_sampling, entropy_coef=0.01, beta=0.1)
+    out, grad = run_ours(x, y, adv, kw, **opts)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    assert grad[:, :, banned].abs().max() == 0
+    finite = torch.where(banned, torch.full_like(x, -1e4), x)   # exp(-1e4) = 0 as well
+    ref, ref_grad = run_reference(finite, y, adv, kw, **opts)
+    assert_close_to_reference(out, grad, ref, ref_grad)
+
+
+def test_very_unlikely_targets(backend):
+    """Targets with p ~ 1e-35 (below float32's comfortable range) keep exact log-probs."""
+    x, y, adv, kw = make_inputs((3, 4, 37), seed=6)
+    rows = torch.arange(4)
+    x[0, rows, y[0].clamp(min=0)] = -90.0
+    x[1, :, 5] = 60.0                          # one dominant logit in every row
+    kw.update(old_logp=None, ref_logp=None)    # ratios near 1, no exp(90) KL
+    opts = dict(entropy_coef=0.01, teacher_objective="sft")
+    out, grad = run_ours(x, y, adv, kw, **opts)
+    ref, ref_grad = run_reference(x, y, adv, kw, **opts)
+    assert_close_to_reference(out, grad, ref, ref_grad)
+    assert out.per_token_logp[0, 0].item() < -80
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf_row"])
+def test_non_finite_logits_give_non_finite_loss(backend, bad):
+    x, y, adv, kw = make_inputs((2, 3, 37))
+    if bad == "nan":
+        x[0, 0, 5] = float("nan")
+    elif bad == "inf":
+        x[0, 0, 5] = float("inf")
+    else:
+        x[0, 0, :] = float("-inf")
+    out = hk.fused_hapo_loss(x, y, adv, **kw)
+    assert not torch.isfinite(out.loss)
+
+
+def test_rewards_instead_of_advantages(backend):
+    B, T, V, G = 4, 3, 37, 2
+    x, y, _, kw = make_inputs((B, T, V))
+    kw.pop("teacher_mask")
+    rewards = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    inject = torch.tensor([True, False])
+    out = hk.fused_hapo_loss(x, y, rewards=rewards, group_size=G, inject=inject, **kw)
+    adv, replaced = hk.group_advantages(rewards, G, inject=inject)
+    assert replaced.tolist() == [0, -1]
+    torch.testing.assert_close(out.advantages, adv)
+    assert torch.equal(out.replaced, replaced)
+    teacher = torch.tensor([True, False, False, False])   # the replaced member
+    ref, _ = run_reference(x, y, adv, dict(kw, teacher_mask=teacher))
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
+    assert out.teacher_fraction.item() == pytest.approx(ref.teacher_fraction.item())
+    plain = hk.fused_hapo_loss(x, y, rewards=rewards, group_size=G, scale="none", **kw)
+    adv_none, _ = hk.group_advantages(rewards, G, scale="none")
+    torch.testing.assert_close(plain.advantages, adv_none)
+    assert plain.replaced.tolist() == [-1, -1]
+
+
+# --------------------------------------------------------------------------- bad input
+BAD = [
+    (dict(aggregation="mean"), "aggregation"),
+    (dict(importance_sampling="tokens"), "importance_sampling"),
+    (dict(teacher_objective="luffy"), "teacher_objective"),
+    (dict(beta=0.1, ref_logp=None), "ref_logp"),
+    (dict(advantages=torch.randn(4)), "advantages"),
+    (dict(advantages=torch.randn(3, 4)), "advantages"),
+    (dict(mask=torch.ones(3, 4)), "mask"),
+    (dict(old_logp=torch.randn(3)), "old_logp"),
+    (dict(ref_logp=torch.randn(2, 4)), "ref_logp"),
+    (dict(teacher_mask=torch.ones(4, dtype=torch.bool)), "teacher_mask"),
+    (dict(eps_low=1.0), "eps_low"),
+    (dict(eps_low=-0.1), "eps_low"),
+    (dict(dual_clip=1.0), "dual_clip"),
+    (dict(dual_clip=0.5), "dual_clip"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(max_len=0), "max_len"),
+    (dict(normalizer=-1.0), "normalizer"),
+    (dict(inplace_grad="yes"), "inplace_grad"),
+    (dict(target_ids=torch.full((2, 3), 37)), "target_ids"),
+    (dict(rewards=torch.randn(2), group_size=2), "advantages or rewards"),
+    (dict(advantages=None, rewards=torch.randn(2), group_size=3), "group_size"),
+    (dict(advantages=None, rewards=torch.randn(2), group_size=1), "group_size"),
+    (dict(advantages=None, rewards=torch.randn(3)), "group_size"),
+    (dict(advantages=None, rewards=torch.randn(4), group_size=2), "rewards"),
+    (dict(group_size=2), "group_size"),
+]
+
+
+@pytest.mark.parametrize("bad,name", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+def test_bad_input_raises_value_error(backend, bad, name, monkeypatch):
+    def no_kernel(*a, **k):
+        raise AssertionError("a kernel ran before validation finished")
+    monkeypatch.setattr(hk_loss.FusedHAPOLoss, "apply", no_kernel)
+    x = torch.randn(2, 3, 37, requires_grad=True)
+    args = dict(target_ids=torch.randint(0, 37, (2, 3)), advantages=torch.randn(2),
+                ref_logp=torch.randn(2, 3))
+    args.update(bad)
+    with pytest.raises(ValueError, match=name):
+        hk.fused_hapo_loss(x, **args)
+
+
+# --------------------------------------------------------------------------- property
+@st.composite
+def configurations(draw):
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 4))
+    V = draw(st.sampled_from([2, 5, 33, 130]))
+    agg, extra = draw(st.sampled_from(AGGREGATIONS))
+    opts = {name: draw(st.sampled_from(vals)) for name, vals in OPTION_VALUES.items()}
+    opts.update(aggregation=agg, **extra,
+                eps_low=draw(st.sampled_from([0.0, 0.1, 0.2])),
+                eps_high=draw(st.sampled_from([0.0, 0.28, 2.0])),
+                teacher_gamma=draw(st.sampled_from([0.1, 1.0])),
+                sft_weight=draw(st.sampled_from([1.0, 0.5])))
+    inputs = dict(old=draw(st.booleans()), per_token_adv=draw(st.booleans()),
+                  per_token_teacher=draw(st.booleans()), seed=draw(st.integers(0, 10_000)))
+    return (B, T, V), opts, inputs
+
+
+def _property(shape, opts, inputs):
+    x, y, adv, kw = make_inputs(shape, **inputs)
+    out, grad = run_ours(x, y, adv, kw, **opts)
+    ref, ref_grad = run_reference(x, y, adv, kw, **opts)
+    assert_close_to_reference(out, grad, ref, ref_grad)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(configurations())
+def test_property_random_configurations_cpu(cfg):
+    with force_backend("cpu"):
+        _property(*cfg)
+
+
+@pytest.mark.kernel
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(configurations())
+def test_property_random_configurations_triton(cfg):
+    with force_backend("triton"):
+        _property(*cfg)
