@@ -1,0 +1,10 @@
+"""HAPO training layer: gate, SSI operator, loss module and trainer (DESIGN section 8)."""
+from . import schedules
+from .config import HAPOConfig
+from .gate import ThompsonGate
+from .loss import HAPOLoss
+from .ssi import RolloutBatch, inject_successes
+from .trainer import HAPOTrainer
+
+__all__ = ["ThompsonGate", "inject_successes", "RolloutBatch", "HAPOLoss", "HAPOConfig",
+           "HAPOTrainer", "schedules"]

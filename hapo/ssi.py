@@ -1,0 +1,143 @@
+"""Synthetic Success Injection (SSI): put a verified teacher demonstration into a group.
+
+DESIGN section 6. For each group the gate opened, the rollout that ``group_advantages``
+replaces (the lowest reward, first index on ties) gets the prompt's teacher completion,
+the teacher reward and a teacher flag. The choice is delegated to
+``hapo_kernels.group_advantages`` itself so the token batch and the advantages can never
+disagree about which member was replaced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import hapo_kernels as hk
+from hapo_kernels.options import TEACHER_REWARD
+from hapo_kernels.reference import check_groups
+
+__all__ = ["RolloutBatch", "inject_successes", "lookup_demo"]
+
+FIELDS = ("prompt_ids", "completion_ids", "completion_mask", "rewards", "prompt_index")
+
+
+@dataclass
+class RolloutBatch:
+    """A padded batch of ``P * G`` rollouts, groups contiguous.
+
+    ``prompt_ids`` ``[N, Lp]``, ``completion_ids`` ``[N, Lc]`` (right-padded),
+    ``completion_mask`` ``[N, Lc]`` (1 on real tokens), ``rewards`` ``[N]``,
+    ``prompt_index`` ``[N]`` (the prompt each rollout answers: the key into ``demos``),
+    ``teacher_mask`` ``[N]`` bool (set by SSI).
+    """
+    prompt_ids: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    rewards: torch.Tensor
+    prompt_index: torch.Tensor
+    teacher_mask: Optional[torch.Tensor] = None
+
+
+def _get(batch, name):
+    if isinstance(batch, dict):
+        if name not in batch:
+            raise ValueError(f"batch is missing {name!r} (needs {', '.join(FIELDS)})")
+        return batch[name]
+    if not hasattr(batch, name):
+        raise ValueError(f"batch is missing {name!r} (needs {', '.join(FIELDS)})")
+    return getattr(batch, name)
+
+
+def lookup_demo(demos, key):
+    """The teacher completion for ``key`` (1-D long tensor) or None where there is none.
+
+    ``demos`` is a mapping (missing key: none), a sequence indexed by ``key``
+    (out of range or None: none) or a callable ``key -> completion or None``.
+    """
+    if demos is None:
+        return None
+    if callable(demos) and not isinstance(demos, (dict, list, tuple)):
+        demo = demos(key)
+    elif hasattr(demos, "get"):
+        demo = demos.get(key)
+    else:
+        demo = demos[key] if isinstance(key, int) and 0 <= key < len(demos) else None
+    if demo is None:
+        return None
+    demo = torch.as_tensor(demo)
+    if demo.dim() != 1 or demo.dtype.is_floating_point or demo.dtype == torch.bool:
+        raise ValueError(f"the demonstration for prompt {key!r} must be a 1-D integer "
+                         f"sequence, got {demo.dtype} of shape {tuple(demo.shape)}")
+    return demo
+
+
+def inject_successes(batch, demos, inject: torch.Tensor, group_size: int, *,
+                     teacher_reward: float = TEACHER_REWARD, pad_token_id: int = 0):
+    """Replace one rollout per injected group by its prompt's teacher demonstration.
+
+    Args:
+        batch: a ``RolloutBatch``, another dataclass or a dict with the fields of
+            ``RolloutBatch`` (``teacher_mask`` optional).
+        demos: teacher completions looked up by the group's ``prompt_index`` (see
+            ``lookup_demo``). A group without one is not injected.
+        inject: bool ``[P]`` from the gate.
+    Returns:
+        ``(new_batch, replaced)``: a batch of the same type with new ``completion_ids``,
+        ``completion_mask``, ``rewards`` and ``teacher_mask`` tensors (the input is never
+        written), and the replaced member per group, ``[P]`` long, -1 where none.
+        A demonstration longer than the batch's completion width is truncated to it,
+        with a warning.
+    """
+    completion = _get(batch, "completion_ids")
+    mask = _get(batch, "completion_mask")
+    rewards = _get(batch, "rewards")
+    prompt_index = _get(batch, "prompt_index")
+    old_teacher = batch.get("teacher_mask") if isinstance(batch, dict) else \
+        getattr(batch, "teacher_mask", None)
+    P = check_groups(rewards, group_size, inject)
+    N, width = completion.shape if completion.dim() == 2 else (None, None)
+    if completion.dim() != 2 or N != rewards.numel():
+        raise ValueError(f"completion_ids must be [N={rewards.numel()}, L], got "
+                         f"{tuple(completion.shape)}")
+    if tuple(mask.shape) != tuple(completion.shape):
+        raise ValueError(f"completion_mask must have shape {tuple(completion.shape)}, got "
+                         f"{tuple(mask.shape)}")
+    if tuple(prompt_index.shape) != (N,):
+        raise ValueError(f"prompt_index must have shape ({N},), got {tuple(prompt_index.shape)}")
+
+    keys = prompt_index.reshape(P, group_size)[:, 0].tolist()
+    found = [lookup_demo(demos, k) if bool(inject[p]) else None for p, k in enumerate(keys)]
+    effective = torch.tensor([d is not None for d in found], device=rewards.device)
+    _, replaced = hk.group_advantages(rewards, group_size, effective,
+                                      teacher_reward=teacher_reward)
+
+    completion, mask, rewards = completion.clone(), mask.clone(), rewards.clone()
+    teacher = (torch.zeros(N, dtype=torch.bool, device=rewards.device)
+               if old_teacher is None else old_teacher.clone().bool())
+    for p in torch.nonzero(replaced >= 0).flatten().tolist():
+        row = p * group_size + int(replaced[p])
+        demo = found[p].to(completion.device, completion.dtype)
+        if demo.numel() > width:
+            warnings.warn(f"teacher demonstration for prompt {keys[p]!r} has {demo.numel()} "
+                          f"tokens; truncated to the batch's completion length {width}",
+                          stacklevel=2)
+            demo = demo[:width]
+        completion[row].fill_(pad_token_id)
+        completion[row, :demo.numel()] = demo
+        mask[row].zero_()
+        mask[row, :demo.numel()] = 1
+        rewards[row] = teacher_reward
+        teacher[row] = True
+
+    new = {"completion_ids": completion, "completion_mask": mask, "rewards": rewards,
+           "teacher_mask": teacher}
+    if isinstance(batch, dict):
+        return {**batch, **new}, replaced
+    if dataclasses.is_dataclass(batch):
+        if not any(f.name == "teacher_mask" for f in dataclasses.fields(batch)):
+            raise ValueError("a dataclass batch needs a teacher_mask field (use RolloutBatch)")
+        return dataclasses.replace(batch, **new), replaced
+    raise ValueError(f"batch must be a dict or a dataclass, got {type(batch).__name__}")
