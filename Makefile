@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-cpu test-kernels demo bench clean
+.PHONY: setup test test-cpu test-kernels test-integrations demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,40 @@ test: setup
 
 # The CPU path, the reference and the training layer (kernels dispatched to torch).
 test-cpu:
-	$(PY) -m pytest -q -m "not kernel" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not kernel and not cuda" $(PYTEST_ARGS) tests
 
 # The real Triton kernels, run on CPU tensors through Triton's interpreter.
 test-kernels:
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m kernel $(PYTEST_ARGS) tests
 
+# TRL and verl integration tests, against the real packages. Each gets its own venv (their
+# transformers pins differ), built on first use; hapo-kernels goes in editable, --no-deps.
+VENV_TRL ?= .venv-trl
+VENV_VERL ?= .venv-verl
+INTEGRATION_ENV := HAPO_INTEGRATION_TESTS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+$(VENV_TRL)/.installed: requirements/trl.txt setup.py
+	$(PYTHON) -m venv $(VENV_TRL)
+	$(VENV_TRL)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV_TRL)/bin/python -m pip install -q --no-deps -e .
+	$(VENV_TRL)/bin/python -m pip install -q -r requirements/trl.txt
+	touch $@
+
+$(VENV_VERL)/.installed: requirements/verl.txt requirements/verl-nodeps.txt setup.py
+	$(PYTHON) -m venv $(VENV_VERL)
+	$(VENV_VERL)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV_VERL)/bin/python -m pip install -q --no-deps -e .
+	$(VENV_VERL)/bin/python -m pip install -q -r requirements/verl.txt
+	$(VENV_VERL)/bin/python -m pip install -q --no-deps -r requirements/verl-nodeps.txt
+	touch $@
+
+test-integrations: $(VENV_TRL)/.installed $(VENV_VERL)/.installed
+	$(INTEGRATION_ENV) $(VENV_TRL)/bin/python -m pytest -q $(PYTEST_ARGS) tests/integrations/test_trl.py
+	$(INTEGRATION_ENV) $(VENV_VERL)/bin/python -m pytest -q $(PYTEST_ARGS) tests/integrations/test_verl.py
+
+# The main job on built-in defaults: the quick sparse-reward HAPO demo, then the quick benchmark.
 demo: setup
+	$(PY) -m hapo.demo --quick
 	$(PY) -m bench --quick
 
 bench: setup

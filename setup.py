@@ -18,6 +18,8 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "liger-kernel==0.8.5"],
         "bench": ["matplotlib", "tabulate", "liger-kernel==0.8.5"],
+        "trl": ["trl==1.16.0"],      # the versions tests/integrations runs against
+        "verl": ["verl==0.9.1"],
     },
     entry_points={"console_scripts": ["hapo-bench=bench.__main__:main",
                                       "hapo-demo=hapo.demo.__main__:main"]},

@@ -1,0 +1,368 @@
+"""``HAPOGRPOTrainer``: TRL's ``GRPOTrainer`` with our kernels for the loss step, and HAPO.
+
+Everything TRL does around the loss (generation, reward functions, batching, logging,
+checkpoints) is TRL's own. What changes:
+
+* per-token log-probs and entropies come from ``hk.selective_log_softmax`` on the model's
+  logits (TRL: its chunked fused LM head / ``selective_log_softmax``);
+* the loss is one ``hk.fused_hapo_loss`` call honouring ``GRPOConfig``'s ``loss_type``
+  (grpo, bnpo, dr_grpo, dapo with TRL's ``num_items_in_batch`` normaliser), ``epsilon``,
+  ``epsilon_high``, ``beta``, ``temperature``, ``importance_sampling_level`` and ``delta``
+  (our ``dual_clip``). ``scale_rewards`` and ``mask_truncated_completions`` act where TRL
+  scores completions and are kept (HAPO uses ``scale_rewards`` for its advantages);
+* with ``hapo=HAPOConfig(...)``, a dataset column holds each prompt's teacher
+  demonstration; where TRL scores a generation batch the gate decides per group whether to
+  inject, SSI (``hapo.inject_successes``) puts the demonstration in place of the worst
+  rollout, advantages come from ``hk.group_advantages`` and the teacher tokens are trained
+  with the shaped objective.
+
+A ``GRPOConfig`` option this trainer cannot honour raises ``ValueError`` at construction
+(``unsupported_options`` lists them); none is ignored silently.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import nanmax, nanmin, use_adapter
+
+import hapo_kernels as hk
+from hapo_kernels import options as O
+from hapo_kernels.reference import token_objective
+
+from ..config import HAPOConfig
+from ..ssi import inject_successes
+
+__all__ = ["HAPOGRPOTrainer", "unsupported_options", "SUPPORTED_LOSS_TYPES", "TESTED_TRL"]
+
+TESTED_TRL = "1.16.0"       # the version `make test-integrations` checks against TRL's own loss
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+# HAPOConfig fields that GRPOConfig owns in this trainer: they must stay at their defaults
+# (set the GRPOConfig field instead) so that no value is silently dropped.
+_OWNED_BY_GRPO_CONFIG = {
+    "group_size": "num_generations", "max_new_tokens": "max_completion_length",
+    "temperature": "temperature", "eos_token_id": "the tokenizer's eos token",
+    "pad_token_id": "the tokenizer's pad token", "scale": "scale_rewards",
+    "eps_low": "epsilon", "eps_high": "epsilon_high", "dual_clip": "delta", "beta": "beta",
+    "entropy_coef": "entropy_coef", "importance_sampling": "importance_sampling_level",
+    "aggregation": "loss_type", "ppo_epochs": "num_iterations",
+    "micro_batch_size": "per_device_train_batch_size", "max_grad_norm": "max_grad_norm",
+    "seed": "seed", "progress": "disable_tqdm",
+}
+
+
+def unsupported_options(args: GRPOConfig, hapo: Optional[HAPOConfig] = None) -> list:
+    """Human-readable reasons why ``args`` (and ``hapo``) cannot run on this trainer."""
+    bad = []
+    if args.loss_type not in SUPPORTED_LOSS_TYPES:
+        bad.append(f"loss_type={args.loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})")
+    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    # TRL's two-sided clip caps the ratio at delta before the PPO min; that is the dual clip
+    # min(l, -delta*A) of DESIGN section 4 only when delta lies above the clip range.
+    if args.delta is not None and not args.delta > 1.0 + eps_high:
+        bad.append(f"delta={args.delta} (must be > 1 + epsilon_high = {1.0 + eps_high})")
+    if args.beta != 0.0 and args.use_bias_correction_kl:
+        bad.append("beta != 0 with use_bias_correction_kl=True (the KL term is the plain k3 "
+                   "estimator; set use_bias_correction_kl=False)")
+    if args.top_entropy_quantile < 1.0:
+        bad.append(f"top_entropy_quantile={args.top_entropy_quantile} (high-entropy token masking)")
+    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+        bad.append("entropy_coef / use_adaptive_entropy (TRL's entropy bonus)")
+    if args.off_policy_mask_threshold is not None:
+        bad.append("off_policy_mask_threshold (off-policy sequence masking)")
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        bad.append("use_vllm with vllm_importance_sampling_correction=True")
+    if hapo is not None:
+        if args.multi_objective_aggregation != "sum_then_normalize":
+            bad.append(f"multi_objective_aggregation={args.multi_objective_aggregation!r} with "
+                       "HAPO (SSI needs one scalar reward per rollout)")
+        defaults = HAPOConfig()
+        for name, owner in _OWNED_BY_GRPO_CONFIG.items():
+            if getattr(hapo, name) != getattr(defaults, name):
+                bad.append(f"HAPOConfig.{name}={getattr(hapo, name)!r} (set {owner} in GRPOConfig)")
+    return bad
+
+
+def _teacher_ids(demo, tokenizer, eos_id) -> Optional[torch.Tensor]:
+    """A demonstration from the dataset column as completion token ids (None: no demo)."""
+    if demo is None:
+        return None
+    if isinstance(demo, str):
+        ids = tokenizer(demo, add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids + ([eos_id] if eos_id is not None else []), dtype=torch.long)
+    return torch.as_tensor(demo, dtype=torch.long).reshape(-1)
+
+
+def _pad_right(t: Optional[torch.Tensor], width: int, value) -> Optional[torch.Tensor]:
+    if t is None or t.dim() != 2 or t.shape[1] >= width:
+        return t
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+class HAPOGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` whose loss step runs on hapo-kernels; HAPO with ``hapo=``.
+
+    Args (beyond ``GRPOTrainer``'s):
+        hapo: a ``HAPOConfig`` to turn HAPO on (gate, SSI, shaped teacher objective).
+            Its rollout/loss fields belong to ``GRPOConfig`` here and must stay at their
+            defaults; the gate, ``teacher_*``, ``stats``, ``adv_eps`` and ``inject`` fields
+            are used.
+        teacher_column: the dataset column with each prompt's teacher demonstration: a
+            completion string (tokenized, EOS appended) or token ids; None: no demo.
+    """
+
+    def __init__(self, model, reward_funcs=None, args: Optional[GRPOConfig] = None, *rest,
+                 hapo: Optional[HAPOConfig] = None, teacher_column: str = "teacher", **kwargs):
+        if args is None:
+            args = GRPOConfig(output_dir="hapo-grpo")
+        if hapo is not None and not isinstance(hapo, HAPOConfig):
+            raise ValueError(f"hapo must be a HAPOConfig or None, got {type(hapo).__name__}")
+        bad = unsupported_options(args, hapo)
+        if bad:
+            raise ValueError("HAPOGRPOTrainer cannot honour these GRPOConfig options: "
+                             + "; ".join(bad))
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        if self.aux_loss_enabled:
+            raise ValueError("HAPOGRPOTrainer cannot honour the MoE router auxiliary loss "
+                             "(router_aux_loss_coef); set router_aux_loss_coef=0.0")
+        self.hapo = hapo
+        self.teacher_column = teacher_column
+        self._hapo_gate = None
+        if hapo is not None:
+            if self.accelerator.num_processes > 1:
+                raise ValueError("HAPO in HAPOGRPOTrainer runs on one process (a group's gate "
+                                 "and SSI need all its rollouts); got "
+                                 f"{self.accelerator.num_processes} processes")
+            ds = self.train_dataset
+            cols = getattr(ds, "column_names", None)
+            if cols is not None and teacher_column not in cols:
+                raise ValueError(f"HAPO needs the teacher demonstrations in the dataset column "
+                                 f"{teacher_column!r}; the train dataset has {cols}")
+            self._hapo_gate = hapo.make_gate()
+        # Loss options checked once here, so a bad value fails at construction.
+        self._loss_kwargs = dict(
+            temperature=self.temperature, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+            dual_clip=args.delta, beta=self.beta,
+            importance_sampling=self.importance_sampling_level,
+            teacher_objective=hapo.teacher_objective if hapo else "shaped",
+            teacher_gamma=hapo.teacher_gamma if hapo else O.TEACHER_GAMMA,
+            sft_weight=hapo.sft_weight if hapo else 1.0)
+        self._opts = O.parse_loss_options(aggregation=self.loss_type, **self._loss_kwargs)
+        # The logits' storage takes their gradient unless the model's forward saved them for
+        # its own backward (a tanh soft-cap does); autograd would refuse that loudly.
+        text_config = self.model.config.get_text_config()
+        self._inplace_grad = getattr(text_config, "final_logit_softcapping", None) is None
+
+    # ------------------------------------------------------------------ log-probs
+    def _completion_logits(self, model, input_ids, attention_mask, logits_to_keep):
+        """Logits ``[B, K, V]`` that predict the last ``K = logits_to_keep`` tokens.
+
+        The LM head runs on exactly those K positions (a tensor ``logits_to_keep``), so the
+        logits are a fresh contiguous tensor that nothing else holds: the loss can write
+        their gradient into them (``inplace_grad``) instead of allocating a second copy.
+        """
+        L = input_ids.size(1)
+        keep = torch.arange(L - logits_to_keep - 1, L - 1, device=input_ids.device)
+        with self.accelerator.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask,
+                        logits_to_keep=keep, use_cache=False)
+        return out.logits
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask,
+                                           logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False,
+                                           **extra):
+        used = sorted(k for k, v in extra.items() if v is not None)
+        if used:
+            raise ValueError(f"HAPOGRPOTrainer is text-only; got model inputs {used}")
+        batch_size = batch_size or input_ids.size(0)
+        logps, ents = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids = input_ids[start:start + batch_size]
+            am = attention_mask[start:start + batch_size]
+            logits = self._completion_logits(model, ids, am, logits_to_keep)
+            targets = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0,
+                                                           O.IGNORE_INDEX)
+            lp, ent = hk.selective_log_softmax(logits, targets, temperature=self.temperature,
+                                               return_entropy=True)
+            logps.append(lp)
+            ents.append(ent)
+        return torch.cat(logps), (torch.cat(ents) if compute_entropy else None), None
+
+    # ------------------------------------------------------------------ loss
+    def _aggregation(self, inputs, mode):
+        """(normalizer, max_len, divide_by) reproducing TRL's scaling for ``loss_type``."""
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "dapo":
+            n = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                n = n * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            return float(n), None, 1.0
+        if self.loss_type == "dr_grpo":
+            return None, self.max_completion_length, accum
+        return None, None, accum
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        used = sorted(k for k in ("pixel_values", "image_grid_thw", "token_type_ids",
+                                  "mm_token_type_ids") if inputs.get(k) is not None)
+        if used:
+            raise ValueError(f"HAPOGRPOTrainer is text-only; got model inputs {used}")
+
+        logits = self._completion_logits(model, input_ids, attention_mask, completion_ids.size(1))
+        normalizer, max_len, divide_by = self._aggregation(inputs, mode)
+        ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        out = hk.fused_hapo_loss(
+            logits, completion_ids, inputs["advantages"], mask=mask,
+            old_logp=inputs.get("old_per_token_logps"), ref_logp=ref,
+            teacher_mask=inputs.get("teacher_mask"), aggregation=self.loss_type,
+            normalizer=normalizer, max_len=max_len, inplace_grad=self._inplace_grad,
+            **self._loss_kwargs)
+        self._log_loss_metrics(out, inputs, mask, ref, mode)
+        return out.loss / divide_by
+
+    @torch.no_grad()
+    def _log_loss_metrics(self, out, inputs, mask, ref, mode):
+        """TRL's loss metrics (names and reductions), from the per-token outputs."""
+        valid = mask.bool()
+        adv = inputs["advantages"].double()
+        adv = adv[:, None].expand(valid.shape) if adv.dim() == 1 else adv
+        teacher = inputs.get("teacher_mask")
+        if teacher is not None:
+            teacher = teacher.bool()[:, None].expand(valid.shape) if teacher.dim() == 1 else teacher.bool()
+        old = inputs.get("old_per_token_logps")
+        obj = token_objective(out.per_token_logp.double(), out.per_token_entropy.double(), adv,
+                              valid, old_logp=None if old is None else old.double(),
+                              ref_logp=None if ref is None else ref.double(), teacher=teacher,
+                              opts=self._opts)
+        m = mask.float()
+        sequence = self.importance_sampling_level == "sequence"
+
+        def global_mean(x, per_sequence=False):
+            if per_sequence:        # TRL: a (B, 1) quantity is averaged over sequences
+                local = torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device)])
+            else:
+                local = torch.stack([(x * m).sum(), m.sum()])
+            tot = self.accelerator.reduce(local.float(), reduction="sum")
+            return (tot[0] / tot[1].clamp(min=1.0)).item()
+
+        def seq_flags(x):           # a per-sequence flag from per-token flags
+            return (x & valid).any(-1).float()
+
+        metrics = self._metrics[mode]
+        if self.beta != 0.0:
+            metrics["kl"].append(global_mean(obj["kl"].float()))
+        metrics["entropy"].append(global_mean(out.per_token_entropy))
+        low, high = obj["clip_low"], obj["clip_high"]
+        region = low | high
+        for name, flag in (("low_mean", low), ("high_mean", high), ("region_mean", region)):
+            value = global_mean(seq_flags(flag), True) if sequence else global_mean(flag.float())
+            metrics[f"clip_ratio/{name}"].append(value)
+
+        def per_seq(flag):
+            return seq_flags(flag) if sequence else (flag.float() * m).sum(-1) / m.sum(-1)
+
+        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(per_seq(low))).item())
+        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(per_seq(high))).item())
+        if self.hapo is not None:
+            metrics["hapo/teacher_token_fraction"].append(float(out.teacher_fraction))
+
+    # ------------------------------------------------------------------ HAPO
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions,
+                                                      completion_ids_list)
+        self._hapo_scored = (inputs, rewards_per_func)
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.hapo is None or not self.model.training:
+            return output           # evaluation stays plain GRPO
+        return self._apply_hapo(output)
+
+    @torch.no_grad()
+    def _apply_hapo(self, output):
+        inputs, rewards_per_func = self._hapo_scored
+        device = output["completion_ids"].device
+        G = self.num_generations
+        weights = self.reward_weights.to(rewards_per_func.device)
+        if torch.isnan(rewards_per_func).all(dim=1).any():
+            raise ValueError("HAPO needs a reward for every rollout; a reward function returned "
+                             "None for every function on some completion")
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1).to(device)
+        P = rewards.numel() // G
+        grouped = rewards.view(P, G)
+        collapsed = (grouped == grouped[:, :1]).all(dim=1)
+
+        eos = self._tokenizer.eos_token_id
+        demos = [_teacher_ids(inputs[p * G].get(self.teacher_column), self._tokenizer, eos)
+                 for p in range(P)]
+        demos = [None if d is None else d[:self.max_completion_length] for d in demos]
+        has_demo = torch.tensor([d is not None and d.numel() > 0 for d in demos], device=device)
+        if self.hapo.inject == "gate":
+            inject = self._hapo_gate.decide(rewards, G, has_demo=has_demo)
+        elif self.hapo.inject == "always":
+            inject = has_demo
+        else:
+            inject = torch.zeros_like(has_demo)
+
+        # Widen the completion block so the injected demonstrations fit untruncated.
+        width = max([output["completion_ids"].shape[1]]
+                    + [demos[p].numel() for p in range(P) if bool(inject[p])])
+        pad = self._tokenizer.pad_token_id
+        for key, value in (("completion_ids", pad), ("completion_mask", 0), ("tool_mask", 1),
+                           ("old_per_token_logps", 0.0), ("ref_per_token_logps", 0.0),
+                           ("sampling_per_token_logps", 0.0)):
+            if key in output:
+                output[key] = _pad_right(output[key], width, value)
+
+        batch = {"prompt_ids": output["prompt_ids"], "completion_ids": output["completion_ids"],
+                 "completion_mask": output["completion_mask"], "rewards": rewards,
+                 "prompt_index": torch.arange(P, device=device).repeat_interleave(G)}
+        new, replaced = inject_successes(batch, demos, inject, G,
+                                         teacher_reward=self.hapo.teacher_reward,
+                                         pad_token_id=pad)
+        injected = replaced >= 0
+        adv_kwargs = dict(self.hapo.advantage_kwargs(), scale=self.scale_rewards)
+        advantages, replaced_adv = hk.group_advantages(rewards, G, injected, **adv_kwargs)
+        assert torch.equal(replaced_adv, replaced), "SSI and group_advantages disagree"
+
+        output["completion_ids"] = new["completion_ids"]
+        output["completion_mask"] = new["completion_mask"]
+        output["teacher_mask"] = new["teacher_mask"]
+        output["advantages"] = advantages.float()
+        loss_mask = new["completion_mask"] * output.get("tool_mask", 1)
+        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        rows = torch.nonzero(new["teacher_mask"]).flatten()
+        if rows.numel():
+            self._rescore_rows(output, rows)
+
+        mode = "train"
+        self._metrics[mode]["hapo/injection_rate"].append(injected.float().mean().item())
+        self._metrics[mode]["hapo/collapsed_group_fraction"].append(collapsed.float().mean().item())
+        return output
+
+    def _rescore_rows(self, output, rows):
+        """Old-policy and reference log-probs of the injected (teacher) rows."""
+        ids = torch.cat([output["prompt_ids"][rows], output["completion_ids"][rows]], dim=1)
+        am = torch.cat([output["prompt_mask"][rows], output["completion_mask"][rows]], dim=1)
+        K = output["completion_ids"].size(1)
+        if "old_per_token_logps" in output:
+            lp, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, am, K)
+            output["old_per_token_logps"][rows] = lp.to(output["old_per_token_logps"].dtype)
+        if "ref_per_token_logps" in output:
+            if self.ref_model is not None:
+                lp, _, _ = self._get_per_token_logps_and_entropies(self.ref_model, ids, am, K)
+            else:
+                model = self.accelerator.unwrap_model(self.model)
+                name = "ref" if "ref" in model.peft_config else None
+                with use_adapter(model, adapter_name=name):
+                    lp, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, am, K)
+            output["ref_per_token_logps"][rows] = lp.to(output["ref_per_token_logps"].dtype)

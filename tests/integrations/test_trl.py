@@ -1,0 +1,310 @@
+"""HAPOGRPOTrainer against the real TRL GRPOTrainer (no mocks of TRL).
+
+A tiny random Llama and a word-level tokenizer are built in code and saved to a temporary
+folder; both trainers load them from there. For one batch the loss, every parameter
+gradient and the logged loss metrics must equal TRL's own, for each supported loss_type and
+both importance-sampling levels. Then a 3-step CPU training run with HAPO injection.
+"""
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import trl
+from trl import GRPOConfig, GRPOTrainer
+
+from hapo import HAPOConfig
+from hapo.integrations.trl import SUPPORTED_LOSS_TYPES, TESTED_TRL, HAPOGRPOTrainer
+
+WORDS = [f"w{i}" for i in range(58)]          # vocabulary 61: not a multiple of any block
+G = 4                                          # rollouts per prompt
+
+
+def test_trl_version_is_the_tested_one():
+    assert trl.__version__ == TESTED_TRL
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    rows = {"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"],
+            "teacher": ["w10 w11 w12", "w13 w14", "w15 w16 w17 w18 w19 w20"]}
+    return Dataset.from_dict(rows)
+
+
+def zero_reward(completions, **kwargs):
+    """Every rollout fails: every group collapses (sparse reward)."""
+    return [0.0] * len(completions)
+
+
+def make_args(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=G, num_generations=G,
+                max_completion_length=8, use_cpu=True, report_to=[], logging_steps=1,
+                save_strategy="no", seed=0, disable_tqdm=True,
+                bf16=False)           # fp32: the comparison with TRL is to rounding error
+    return GRPOConfig(**{**base, **overrides})
+
+
+def make_trainer(cls, model_dir, tokenizer, dataset, tmp_path, hapo=None, **overrides):
+    kwargs = {"hapo": hapo} if cls is HAPOGRPOTrainer else {}
+    trainer = cls(model=model_dir, reward_funcs=zero_reward, args=make_args(tmp_path, **overrides),
+                  train_dataset=dataset, processing_class=tokenizer, **kwargs)
+    trainer.current_gradient_accumulation_steps = 2   # exercises TRL's accumulation scaling
+    trainer.model.train()
+    return trainer
+
+
+def make_batch(trl_trainer, seed=0):
+    """One GRPO batch in TRL's layout: left-padded prompts, right-padded completions."""
+    g = torch.Generator().manual_seed(seed)
+    V = trl_trainer.model.config.vocab_size
+    B, Lp, K = 4, 5, 7
+    prompt_ids = torch.randint(3, V, (B, Lp), generator=g)
+    prompt_mask = torch.ones(B, Lp, dtype=torch.long)
+    prompt_mask[1, :2] = 0
+    prompt_ids[1, :2] = 0
+    completion_ids = torch.randint(3, V, (B, K), generator=g)
+    lengths = torch.tensor([7, 3, 0, 5])                 # row 2: a masked (truncated) rollout
+    completion_mask = (torch.arange(K)[None] < lengths[:, None]).long()
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, 0)
+    with torch.no_grad():
+        logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trl_trainer, trl_trainer.model, torch.cat([prompt_ids, completion_ids], 1),
+            torch.cat([prompt_mask, completion_mask], 1), K)
+    # Old and reference log-probs away from the current ones: ratios hit both clip sides.
+    old = logps + 0.4 * torch.randn(B, K, generator=g)
+    ref = logps + 0.3 * torch.randn(B, K, generator=g)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids, "completion_mask": completion_mask,
+            "advantages": torch.randn(B, generator=g),
+            "old_per_token_logps": old * completion_mask, "ref_per_token_logps": ref * completion_mask,
+            "num_items_in_batch": completion_mask.sum()}
+
+
+def loss_and_grads(trainer, inputs):
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, dict(inputs))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+LOSS_OPTIONS = dict(beta=0.04, use_bias_correction_kl=False, epsilon=0.2, epsilon_high=0.28,
+                    delta=1.6, temperature=0.7)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+def test_loss_and_gradients_equal_trl(model_dir, tokenizer, dataset, tmp_path, loss_type, level):
+    opts = dict(LOSS_OPTIONS, loss_type=loss_type, importance_sampling_level=level)
+    theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    ours = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    inputs = make_batch(theirs)
+    loss_t, grads_t = loss_and_grads(theirs, inputs)
+    loss_o, grads_o = loss_and_grads(ours, inputs)
+    assert math.isfinite(loss_t.item()) and loss_t.abs() > 1e-6
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-7)
+    assert grads_o.keys() == grads_t.keys() and len(grads_t) > 0
+    for name in grads_t:
+        torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+    # The logged loss metrics carry TRL's names and values.
+    for key in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max"):
+        mine, want = ours._metrics["train"][key], theirs._metrics["train"][key]
+        assert len(mine) == len(want) == 1, key
+        assert mine[0] == pytest.approx(want[0], rel=1e-4, abs=1e-6), key
+    assert theirs._metrics["train"]["clip_ratio/region_mean"][0] > 0   # clipping was exercised
+
+
+def test_default_config_equals_trl(model_dir, tokenizer, dataset, tmp_path):
+    """TRL's defaults (dapo, beta 0, no old log-probs: ratio 1)."""
+    theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path)
+    ours = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path)
+    inputs = make_batch(theirs, seed=1)
+    del inputs["old_per_token_logps"], inputs["ref_per_token_logps"]
+    loss_t, grads_t = loss_and_grads(theirs, inputs)
+    loss_o, grads_o = loss_and_grads(ours, inputs)
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-7)
+    for name in grads_t:
+        torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-4, atol=1e-6)
+
+
+def test_logps_and_entropies_equal_trl(model_dir, tokenizer, dataset, tmp_path):
+    opts = dict(temperature=0.7)
+    theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    ours = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    b = make_batch(theirs)
+    ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
+    am = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
+    with torch.no_grad():
+        lp_t, ent_t, _ = theirs._get_per_token_logps_and_entropies(theirs.model, ids, am, 7,
+                                                                    compute_entropy=True)
+        lp_o, ent_o, _ = ours._get_per_token_logps_and_entropies(ours.model, ids, am, 7,
+                                                                  batch_size=3,
+                                                                  compute_entropy=True)
+    torch.testing.assert_close(lp_o, lp_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent_o, ent_t, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, word", [
+    (dict(loss_type="sapo"), "loss_type"),
+    (dict(loss_type="cispo"), "loss_type"),
+    (dict(delta=1.1, epsilon_high=0.28), "delta"),
+    (dict(beta=0.1), "use_bias_correction_kl"),
+    (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
+    (dict(entropy_coef=0.01), "entropy_coef"),
+    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+])
+def test_unsupported_options_raise(model_dir, tokenizer, dataset, tmp_path, overrides, word):
+    with pytest.raises(ValueError, match=word):
+        make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **overrides)
+
+
+def test_hapo_fields_owned_by_grpo_config_raise(model_dir, tokenizer, dataset, tmp_path):
+    with pytest.raises(ValueError, match="HAPOConfig.eps_low"):
+        make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path,
+                     hapo=HAPOConfig(eps_low=0.3))
+    with pytest.raises(ValueError, match="teacher_column|'teacher'"):
+        make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset.remove_columns("teacher"),
+                     tmp_path, hapo=HAPOConfig())
+
+
+def test_hapo_batch_injects_the_demonstration(model_dir, tokenizer, dataset, tmp_path):
+    """All rollouts fail: every group gets its teacher row, reward 1, and SSI advantages."""
+    trainer = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path,
+                           hapo=HAPOConfig(gate_threshold=0.8), num_iterations=2, beta=0.02,
+                           use_bias_correction_kl=False)    # old and reference log-probs too
+    rows = [dataset[p] for p in range(len(dataset)) for _ in range(G)]
+    out = trainer._generate_and_score_completions(rows)
+    P = len(dataset)
+    teacher = out["teacher_mask"].view(P, G)
+    assert teacher.sum(1).tolist() == [1] * P and teacher[:, 0].all()   # ties: first member
+    for p in range(P):
+        demo = tokenizer(dataset[p]["teacher"], add_special_tokens=False)["input_ids"] + [1]
+        row = p * G
+        n = int(out["completion_mask"][row].sum())
+        assert out["completion_ids"][row, :n].tolist() == demo
+    # G = 4, one success in a group of failures: A = (1 - 1/4) / (std + 1e-4), std = 0.5.
+    adv = out["advantages"].view(P, G)
+    torch.testing.assert_close(adv[:, 0], torch.full((P,), 0.75 / 0.5001))
+    torch.testing.assert_close(adv[:, 1:], torch.full((P, G - 1), -0.25 / 0.5001))
+    assert out["num_items_in_batch"] == out["completion_mask"].sum()
+    # The teacher rows' old-policy and reference log-probs are those of the new tokens.
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    am = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    K = out["completion_ids"].size(1)
+    with torch.no_grad():
+        fresh, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, K)
+        fresh_ref, _, _ = trainer._get_per_token_logps_and_entropies(trainer.ref_model, ids, am, K)
+    rows_t = out["teacher_mask"]
+    torch.testing.assert_close(out["old_per_token_logps"][rows_t], fresh[rows_t])
+    torch.testing.assert_close(out["ref_per_token_logps"][rows_t], fresh_ref[rows_t])
+    assert out["old_per_token_logps"].shape == out["completion_ids"].shape
+    assert trainer._metrics["train"]["hapo/injection_rate"] == [1.0]
+    assert trainer._metrics["train"]["hapo/collapsed_group_fraction"] == [1.0]
+
+
+def test_three_step_training_run_with_hapo(model_dir, tokenizer, dataset, tmp_path):
+    trainer = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path,
+                           hapo=HAPOConfig(), max_steps=3, learning_rate=1e-2,
+                           loss_type="grpo", beta=0.02, use_bias_correction_kl=False)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 3 and len(logs) == 3
+    for h in logs:
+        assert math.isfinite(h["loss"])
+        assert h["hapo/injection_rate"] == 1.0          # every group collapsed: the gate opens
+        assert h["hapo/collapsed_group_fraction"] == 1.0
+        assert 0 < h["hapo/teacher_token_fraction"] < 1
+        assert "clip_ratio/region_mean" in h and "entropy" in h and "kl" in h
+    changed = any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert changed
+
+
+def test_bf16_autocast_close_to_trl(model_dir, tokenizer, dataset, tmp_path):
+    """GRPOConfig's default bf16 autocast: equal to TRL up to bf16 rounding."""
+    opts = dict(LOSS_OPTIONS, loss_type="dapo", bf16=True)
+    theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    ours = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    inputs = make_batch(theirs)
+    loss_t, grads_t = loss_and_grads(theirs, inputs)
+    loss_o, grads_o = loss_and_grads(ours, inputs)
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-2, atol=1e-4)
+    for name in grads_t:
+        rel = (grads_o[name] - grads_t[name]).norm() / grads_t[name].norm().clamp(min=1e-12)
+        assert rel < 2e-2, (name, rel.item())
+
+
+def test_teacher_rows_use_the_shaped_objective(model_dir, tokenizer, dataset, tmp_path):
+    """With a teacher_mask in the batch the loss is DESIGN section 4's, teacher rows shaped."""
+    from hapo_kernels.reference import hapo_loss
+
+    opts = dict(LOSS_OPTIONS, loss_type="grpo")
+    ours = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path,
+                        hapo=HAPOConfig(), **opts)
+    theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    inputs = make_batch(theirs)
+    inputs["teacher_mask"] = torch.tensor([True, False, False, False])
+    loss, _ = loss_and_grads(ours, inputs)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        logits = ours._completion_logits(ours.model, ids, am, 7)
+    want = hapo_loss(logits, inputs["completion_ids"], inputs["advantages"],
+                     mask=inputs["completion_mask"], old_logp=inputs["old_per_token_logps"],
+                     ref_logp=inputs["ref_per_token_logps"], teacher_mask=inputs["teacher_mask"],
+                     temperature=0.7, eps_low=0.2, eps_high=0.28, dual_clip=1.6, beta=0.04,
+                     importance_sampling="token", aggregation="grpo").loss / 2
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-7)
+    without = dict(inputs)
+    del without["teacher_mask"]
+    assert not torch.isclose(loss_and_grads(ours, without)[0], loss)
+
+
+def test_hapo_widens_the_batch_for_a_longer_demonstration(model_dir, tokenizer, dataset,
+                                                          tmp_path):
+    trainer = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path,
+                           hapo=HAPOConfig())
+    g = torch.Generator().manual_seed(0)
+    output = {"prompt_ids": torch.randint(3, 61, (G, 3), generator=g),
+              "prompt_mask": torch.ones(G, 3, dtype=torch.long),
+              "completion_ids": torch.randint(3, 61, (G, 3), generator=g),
+              "completion_mask": torch.ones(G, 3, dtype=torch.long),
+              "advantages": torch.zeros(G), "num_items_in_batch": torch.tensor(3 * G)}
+    trainer._hapo_scored = ([dataset[2]] * G, torch.tensor([[0.0], [1.0], [0.0], [1.0]]))
+    out = trainer._apply_hapo(output)
+    demo = tokenizer(dataset[2]["teacher"], add_special_tokens=False)["input_ids"] + [1]
+    assert out["completion_ids"].shape == (G, len(demo)) == out["completion_mask"].shape
+    assert out["completion_ids"][0].tolist() == demo and out["completion_mask"][0].all()
+    assert out["teacher_mask"].tolist() == [True, False, False, False]  # lowest reward, first
+    assert (out["completion_mask"][1:, 3:] == 0).all() and (out["completion_mask"][1:, :3] == 1).all()
+    assert int(out["num_items_in_batch"]) == len(demo) + 3 * (G - 1)
+    # Rewards [1 (teacher), 1, 0, 1]: mean 0.75, std 0.5.
+    torch.testing.assert_close(out["advantages"], torch.tensor([0.25, 0.25, -0.75, 0.25]) / 0.5001)
