@@ -1,0 +1,1 @@
+"""Kernel benchmarks: ``python -m bench`` (the runner) and ``pytest bench/ --benchmark-only``."""

@@ -1,0 +1,117 @@
+"""The benchmark harness itself: tiny shapes, no timing claims (those live in bench/)."""
+import json
+
+import pytest
+import torch
+
+from bench import __main__ as runner
+from bench import baselines as bl
+from bench import ops as O
+from bench import timing
+
+
+def test_cpu_peak_memory_sees_a_known_allocation():
+    if not timing.cpu_peak_supported():
+        pytest.skip("this kernel does not allow resetting the RSS high-water mark")
+    timing.measure_peak_cpu(lambda: torch.ones(1 << 20))          # warm the allocator path
+    peak = timing.measure_peak_cpu(lambda: torch.ones(16 << 20))  # 64 MiB of float32
+    assert 60 << 20 <= peak <= 72 << 20
+
+
+@pytest.mark.parametrize("op,dtype", [(op, dt) for op in ("sls_nograd", "sls_grad", "loss_token",
+                                                           "loss_seq")
+                                      for dt in (torch.float32, torch.bfloat16)]
+                         + [("advantages", torch.float32)])
+def test_eager_baselines_match_the_reference(op, dtype):
+    res = O.check(op, "eager (TRL)", O.EAGER[op], dtype, "cpu", B=2, T=6, V=257,
+                  kind="baseline")
+    assert res.ok, (res.errors, res.note)
+
+
+def _perturbed(fn, how):
+    def wrong(inp):
+        out = fn(inp)
+        key = "grad" if "grad" in out else ("logp" if "logp" in out else "adv")
+        out[key] = how(out[key])
+        return out
+    return wrong
+
+
+@pytest.mark.parametrize("op", ["sls_nograd", "sls_grad", "loss_token", "advantages"])
+@pytest.mark.parametrize("how", [lambda t: t * 1.01, lambda t: t + 1e-3,
+                                 lambda t: torch.where(torch.rand_like(t.float()) < 0.1,
+                                                       float("nan"), t.float())],
+                         ids=["scaled", "shifted", "nan"])
+def test_check_catches_a_wrong_implementation(op, how):
+    res = O.check(op, "wrong", _perturbed(O.EAGER[op], how), torch.float32, "cpu",
+                  B=2, T=6, V=257)
+    assert res.ok is False
+
+
+def test_check_catches_a_wrong_replaced_index_and_a_crash():
+    def wrong(inp):
+        out = O.EAGER["advantages"](inp)
+        out["replaced"] = out["replaced"].roll(1)
+        return out
+    assert O.check("advantages", "wrong", wrong, torch.float32, "cpu").ok is False
+
+    def crash(inp):
+        raise RuntimeError("boom")
+    res = O.check("sls_nograd", "crash", crash, torch.float32, "cpu")
+    assert res.ok is False and "boom" in res.note
+
+
+def test_byte_floor_counts_passes_over_the_logits():
+    N, V, s = 8 * 16, 1000, 2
+    logits = N * V * s
+    assert O.floor_bytes("sls_nograd", 8, 16, V, torch.bfloat16) // logits == 1
+    assert O.floor_bytes("loss_token", 8, 16, V, torch.bfloat16) // logits == 2
+    assert O.floor_bytes("loss_seq", 8, 16, V, torch.bfloat16) // logits == 3
+
+
+def test_trl_entropy_matches_the_reference():
+    x = torch.randn(3, 5, 77)
+    from hapo_kernels import reference as ref
+    want = ref.log_probs(x, torch.zeros(3, 5, dtype=torch.long))[1]
+    assert torch.allclose(bl.trl_entropy_from_logits(x).double(), want, atol=1e-5)
+
+
+def test_quick_runner_end_to_end(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = runner.main(["--quick", "--tokens", "8", "--vocab", "64", "96", "--compile",
+                      "--reps", "2", "--max-seconds", "0.2", "--json", str(out),
+                      "--out-dir", str(tmp_path), "--short"])
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert "Correctness against the float64 reference" in text and "ours x faster" in text
+    assert data["copy_bandwidth_gbs"] > 0
+    ops = {r["op"] for r in data["rows"]}
+    assert ops == set(O.OPS)
+    eager = [r for r in data["rows"] if r["impl"] == "eager (TRL)"]
+    assert eager and all(r["status"] == "ok" and r["median_ms"] > 0 for r in eager)
+    assert all(r["status"].startswith("skipped") for r in data["rows"]
+               if r["impl"] == "torch.compile")
+    for c in data["checks"]:
+        if c["impl"] == "eager (TRL)":
+            assert c["ok"], c
+    # the saved copy and the plot sit in --out-dir; rc is 1 only if a check failed
+    assert list(tmp_path.glob("cpu-*.json")) and list(tmp_path.glob("cpu-*.png"))
+    assert rc == (0 if data["checks_passed"] else 1)
+
+
+def test_big_logits_spot_check_path_runs_on_small_shapes():
+    cfg = {"tokens": [24], "vocab": [50, 97], "device": "cpu", "dtype": torch.float32}
+    spot = runner.big_spot_check(cfg, min_elements=0, seq_len=8)
+    assert spot["ok"], spot
+    assert runner.big_spot_check(cfg) is None          # 24 x 97 is far below 2^31
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("op", ["sls_nograd", "loss_token", "loss_seq"])
+def test_liger_baseline_matches_the_reference(op):
+    """The Liger wrapper (run through Triton's interpreter here, on CUDA in the sweep)."""
+    pytest.importorskip("liger_kernel")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    res = O.check(op, "Liger", O._liger(op, device), torch.float32, device, B=2, T=5, V=257,
+                  kind="baseline")
+    assert res.ok, (res.errors, res.note)
