@@ -13,36 +13,52 @@ import torch.distributed as dist
 from .options import LossOptions
 
 
-def token_normalizer(valid: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+def token_normalizer(valid: torch.Tensor, opts: LossOptions, group=None) -> torch.Tensor:
     """N for ``token-mean``: the ``normalizer`` argument, else the token count.
 
-    For the ``dapo`` alias the count is global: all-reduced over the default process group
-    when torch.distributed is initialised, divided by the world size (TRL's
-    ``num_items_in_batch / num_processes``).
+    For the ``dapo`` alias the count is global: all-reduced over ``group`` (the default
+    process group when None) when torch.distributed is initialised, divided by the group's
+    size (TRL's ``num_items_in_batch / num_processes``). Given an explicit ``group``,
+    ``token-mean`` by its canonical name counts globally too; ``bnpo`` stays per batch.
     """
     if opts.normalizer is not None:
         return torch.tensor(opts.normalizer, dtype=torch.float64, device=valid.device)
     count = valid.sum(dtype=torch.float64)
-    if opts.aggregation_alias == "dapo" and dist.is_available() and dist.is_initialized():
+    alias = opts.aggregation_alias
+    global_count = alias == "dapo" or (group is not None and alias == "token-mean")
+    if global_count and dist.is_available() and dist.is_initialized():
         count = count.clone()
-        dist.all_reduce(count)
-        return count.clamp(min=1.0) / dist.get_world_size()
+        dist.all_reduce(count, group=group)
+        return count.clamp(min=1.0) / dist.get_world_size(group)
     return count.clamp(min=1.0)
 
 
-def aggregation_weights(valid: torch.Tensor, opts: LossOptions) -> torch.Tensor:
-    """float32 ``[B, T]`` weights with ``loss = sum(w * l)``; zero on invalid tokens."""
-    B, T = valid.shape
-    m = valid.to(torch.float64)
+def aggregation_weights(valid: torch.Tensor, opts: LossOptions, segments=None,
+                        group=None) -> torch.Tensor:
+    """float32 weights with ``loss = sum(w * l)``; zero on invalid tokens.
+
+    ``valid`` is ``[B, T]`` (sequences are rows, the padded width is T), or packed ``[N]``
+    with ``segments`` (a ``packed.Segments``: sequences are its segments, the padded width
+    its longest one), which gives the same weights as the padded batch. ``group``: see
+    ``token_normalizer``.
+    """
+    if segments is None:
+        m = valid.to(torch.float64)
+        seq_tokens = m.sum(-1, keepdim=True)          # each token's sequence length
+        n_seq, width = valid.shape
+    else:
+        m = valid.reshape(-1).to(torch.float64)
+        seq_tokens = segments.broadcast(segments.sum(m))
+        n_seq, width = segments.count, segments.max_len
     agg = opts.aggregation
     if agg == "token-mean":
-        w = m / token_normalizer(valid, opts)
+        w = m / token_normalizer(valid, opts, group)
     elif agg == "seq-mean-token-mean":
-        w = m / (m.sum(-1, keepdim=True).clamp(min=1.0) * B)
+        w = m / (seq_tokens.clamp(min=1.0) * n_seq)
     elif agg == "seq-mean-token-sum":
-        w = m / B
+        w = m / n_seq
     elif agg == "seq-mean-token-sum-norm":
-        w = m / (B * (opts.max_len if opts.max_len is not None else T))
+        w = m / (n_seq * (opts.max_len if opts.max_len is not None else width))
     else:  # parse_loss_options has already rejected anything else
         raise ValueError(f"aggregation={agg!r} is not known")
     return w.to(torch.float32)

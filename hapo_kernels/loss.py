@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from . import options as O
 from .advantages import group_advantages
 from .aggregation import aggregation_weights
 from .cpu.loss import RowInputs
 from .dispatch import backend_for
+from .logprobs import _impl as _logprobs_impl
 from .outputs import LossOutput
+from .packed import packed_segments, per_token
 
 PER_TOKEN = ("loss", "logp", "entropy", "ratio", "clip_low", "clip_high", "kl")
 
@@ -59,7 +62,11 @@ class FusedHAPOLoss(torch.autograd.Function):
         grad = None
         if need_grad:
             grad = logits if inplace_grad else _empty(logits.shape, logits.dtype, device)
-        _backend(logits).hapo_loss_rows(logits, rows, opts, out, grad)
+        if rows.vocab_shard is None:
+            _backend(logits).hapo_loss_rows(logits, rows, opts, out, grad)
+        else:                       # a vocabulary slice: all-reduced stats, slice gradient
+            distributed.hapo_loss_rows(logits, rows, opts, out, grad,
+                                       _logprobs_impl(backend_for(logits)), rows.vocab_shard)
         if need_grad and inplace_grad:
             # The logits now hold their gradient. Bump the version counter so that autograd
             # refuses any other use of them that saved them (no silent wrong gradients).
@@ -86,19 +93,18 @@ class FusedHAPOLoss(torch.autograd.Function):
 
 
 def _rewards_to_advantages(rewards, group_size, inject, teacher_reward, scale, stats, eps,
-                           batch_shape, device):
+                           n_seq, device, process_group=None):
     if group_size is None:
         raise ValueError("rewards= needs group_size= (rollouts per prompt)")
     if not isinstance(rewards, torch.Tensor):
         raise ValueError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
-    n_seq = batch_shape[0] if len(batch_shape) == 2 else 1
     if tuple(rewards.shape) != (n_seq,):
         raise ValueError(f"rewards must have shape ({n_seq},) (one per sequence), got "
                          f"{tuple(rewards.shape)}")
     if rewards.device != device:
         raise ValueError(f"rewards is on {rewards.device} but logits on {device}")
     return group_advantages(rewards, group_size, inject=inject, teacher_reward=teacher_reward,
-                            scale=scale, stats=stats, eps=eps)
+                            scale=scale, stats=stats, eps=eps, process_group=process_group)
 
 
 def fused_hapo_loss(logits, target_ids, advantages=None, mask=None, old_logp=None,
@@ -109,7 +115,8 @@ def fused_hapo_loss(logits, target_ids, advantages=None, mask=None, old_logp=Non
                     normalizer=None, max_len=None, inplace_grad=False,
                     ignore_index=O.IGNORE_INDEX, *, rewards=None, group_size=None,
                     scale="group", stats="all", eps=O.ADVANTAGE_EPS, inject=None,
-                    teacher_reward=O.TEACHER_REWARD) -> LossOutput:
+                    teacher_reward=O.TEACHER_REWARD, cu_seqlens=None,
+                    vocab_parallel_group=None, process_group=None) -> LossOutput:
     """The HAPO/GRPO loss of DESIGN sections 3-5; ``out.loss`` is differentiable w.r.t. logits.
 
     ``logits`` ``[B, T, V]`` (strided views accepted without a copy) with ``target_ids``
@@ -119,6 +126,19 @@ def fused_hapo_loss(logits, target_ids, advantages=None, mask=None, old_logp=Non
     members replaced by SSI (``inject``) are treated as teacher tokens in addition to
     ``teacher_mask``. ``inplace_grad=True`` writes the gradient into the logits' storage
     (the logits are consumed; autograd refuses other saved uses of them).
+
+    Scale-out (docs/distributed.md):
+    ``cu_seqlens`` ``[S + 1]`` with packed ``[N, V]`` logits: the sequences are its
+    segments (per-sequence ``advantages``, ``teacher_mask`` and ``rewards`` are ``[S]``;
+    every aggregation and GSPO work per segment; ``max_len`` defaults to the longest
+    segment), equal to the right-padded ``[S, max_len]`` batch.
+    ``vocab_parallel_group``: ``logits`` is this rank's contiguous vocabulary slice (rank
+    order, uneven allowed), ``target_ids`` global; every rank gets the unsharded loss and
+    metrics and the gradient of its own slice.
+    ``process_group`` (data-parallel): ``aggregation="dapo"`` and ``"token-mean"`` divide
+    by the group's token count over its size (with DDP's gradient mean: the global token
+    mean); with ``rewards=``, groups may span the group's ranks (``rewards`` this rank's
+    slice, ``inject`` the whole batch's, ``out.replaced`` every group's).
     """
     opts = O.parse_loss_options(
         temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
@@ -128,27 +148,44 @@ def fused_hapo_loss(logits, target_ids, advantages=None, mask=None, old_logp=Non
         max_len=max_len)
     if not isinstance(inplace_grad, bool):
         raise ValueError(f"inplace_grad must be a bool, got {inplace_grad!r}")
-    O.check_logits_and_targets(logits, target_ids, ignore_index)
+    shard = (None if vocab_parallel_group is None
+             else distributed.vocab_shard(logits, vocab_parallel_group))
+    vocab_size = None if shard is None else shard.vocab_size
+    O.check_logits_and_targets(logits, target_ids, ignore_index, vocab_size=vocab_size)
+    segments = packed_segments(logits, target_ids, cu_seqlens)
+    if segments is not None:
+        n_seq = segments.count
+    else:
+        n_seq = target_ids.shape[0] if target_ids.dim() == 2 else 1
     replaced = None
     if rewards is not None:
         if advantages is not None:
             raise ValueError("pass either advantages or rewards= (with group_size=), not both")
         advantages, replaced = _rewards_to_advantages(
             rewards, group_size, inject, teacher_reward, scale, stats, eps,
-            tuple(target_ids.shape), logits.device)
+            n_seq, logits.device, process_group)
     elif group_size is not None or inject is not None:
         raise ValueError("group_size= and inject= go with rewards=; got advantages instead")
-    t = O.check_loss_tensors(logits, target_ids, advantages, mask=mask, old_logp=old_logp,
-                             ref_logp=ref_logp, teacher_mask=teacher_mask,
-                             ignore_index=ignore_index, opts=opts)
+    hit = None
+    if replaced is not None and inject is not None:
+        # The members SSI replaced (global sequence index p * G + replaced[p]) are teachers.
+        start = 0
+        if process_group is not None:
+            start = distributed.rank_offset(n_seq, logits.device, process_group)
+        seq = torch.arange(start, start + n_seq, device=logits.device)
+        hit = replaced[seq // group_size] == seq % group_size
+        if segments is not None:
+            hit = segments.broadcast(hit)
+    t = O.check_loss_tensors(logits, target_ids, per_token("advantages", advantages, segments),
+                             mask=mask, old_logp=old_logp, ref_logp=ref_logp,
+                             teacher_mask=per_token("teacher_mask", teacher_mask, segments),
+                             ignore_index=ignore_index, opts=opts, vocab_size=vocab_size)
     B, T = t.targets.shape
     teacher = t.teacher
-    if replaced is not None and inject is not None:
-        seq = torch.arange(B, device=logits.device)
-        G = group_size
-        hit = (replaced[seq // G] == seq % G)
-        teacher = teacher | hit[:, None]
-    weights = aggregation_weights(t.valid, opts)
+    if hit is not None:
+        teacher = teacher | (hit[:, None] if segments is None else hit.view(B, T))
+    weights = aggregation_weights(t.valid if segments is None else t.valid.reshape(-1), opts,
+                                  segments, process_group)
 
     def flat(x, dtype=torch.float32):
         return None if x is None else x.reshape(-1).to(dtype).contiguous()
@@ -157,7 +194,7 @@ def fused_hapo_loss(logits, target_ids, advantages=None, mask=None, old_logp=Non
                      ignore_index=int(ignore_index), valid=flat(t.valid, torch.bool),
                      advantages=flat(t.advantages), old_logp=flat(t.old_logp),
                      ref_logp=flat(t.ref_logp), teacher=flat(teacher, torch.bool),
-                     weights=flat(weights))
+                     weights=flat(weights), segments=segments, vocab_shard=shard)
     loss, _, logp, ent, ratio, clip_lo, clip_hi, kl = FusedHAPOLoss.apply(
         logits, rows, opts, inplace_grad, torch.is_grad_enabled() and logits.requires_grad)
 

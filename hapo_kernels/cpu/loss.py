@@ -39,6 +39,8 @@ class RowInputs:
     ref_logp: Optional[torch.Tensor]    # float32 or None
     teacher: torch.Tensor               # bool
     weights: torch.Tensor               # float32 aggregation weights, loss = sum(w * l)
+    segments: Optional[object] = None   # packed.Segments: sequences of packed rows (GSPO)
+    vocab_shard: Optional[object] = None  # distributed.VocabShard: logits hold a vocab slice
 
     def rows(self, sl: slice) -> dict:
         """The vectors of ``token_terms`` for a slice of rows."""
@@ -52,11 +54,14 @@ class RowInputs:
         """The vectors of ``token_terms`` shaped ``[B, T]`` (sequence-level ratios)."""
         def shape(t):
             return None if t is None else t.view(self.B, self.T)
-        return {k: shape(v) for k, v in self.rows(slice(None)).items()}
+        vec = {k: shape(v) for k, v in self.rows(slice(None)).items()}
+        if self.segments is not None:       # packed: the sequences are cu_seqlens' segments
+            vec["segments"] = self.segments
+        return vec
 
 
 def token_terms(logp, entropy, *, valid, advantages, old_logp, ref_logp, teacher, weights,
-                opts: LossOptions, need_grad: bool) -> dict:
+                opts: LossOptions, need_grad: bool, segments=None) -> dict:
     """``w * l`` per token, ``d(sum w*l)/dlogp`` and ``/dentropy``, and the metric tensors.
 
     Any shape (``[tokens]`` for token-level ratios, ``[B, T]`` for sequence-level ones).
@@ -65,7 +70,8 @@ def token_terms(logp, entropy, *, valid, advantages, old_logp, ref_logp, teacher
         lp = logp.detach().requires_grad_(need_grad)
         en = entropy.detach().requires_grad_(need_grad)
         obj = reference.token_objective(lp, en, advantages, valid, old_logp=old_logp,
-                                        ref_logp=ref_logp, teacher=teacher, opts=opts)
+                                        ref_logp=ref_logp, teacher=teacher, opts=opts,
+                                        segments=segments)
         wl = weights * obj["loss"]
         g_logp = g_ent = None
         if need_grad:

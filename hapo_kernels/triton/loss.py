@@ -26,6 +26,7 @@ from ..cpu.loss import RowInputs, sequence_level
 from ..layout import row_layout
 from ..options import LossOptions
 from . import logprobs
+from .rows import row_offset
 
 MAX_BLOCK_V = 4096
 
@@ -81,9 +82,7 @@ def _hapo_loss_kernel(
         USE_KL: tl.constexpr, USE_ENT: tl.constexpr, TEACHER_OBJ: tl.constexpr,
         WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row % T
-    x_row = x_ptr + b * stride_b + t * stride_t
+    x_row = x_ptr + row_offset(row, T, stride_b, stride_t)
     y = tl.load(y_ptr + row).to(tl.int64)
     valid = tl.load(valid_ptr + row) != 0          # mask and ignore_index folded
     n_read = tl.where(valid, V, 0)                 # an invalid row is never read
@@ -143,7 +142,7 @@ def _hapo_loss_kernel(
 
     # ---- pass 2: d x = w * ((onehot - p) * dl/dlogp - p * (z - sum_pz) * dl/dentropy) / T
     if WRITE_GRAD:
-        dx_row = dx_ptr + b * dstride_b + t * dstride_t
+        dx_row = dx_ptr + row_offset(row, T, dstride_b, dstride_t)
         lse = m + log_s
         spz = m + w / s
         a_logp = tl.where(valid, wt * g_logp * inv_temp, 0.0)

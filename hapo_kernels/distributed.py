@@ -1,0 +1,322 @@
+"""The loss on ``torch.distributed``: vocab-parallel LM heads and data-parallel groups.
+
+Everything here runs on the user's own process groups (gloo, NCCL, ...) through
+``torch.distributed`` collectives; nothing else moves data between ranks.
+
+**Vocab-parallel** (a tensor-parallel LM head): rank ``k`` of ``vocab_parallel_group``
+holds columns ``start_k .. start_k + V_k - 1`` of the logits, slices contiguous and in
+rank order (uneven sizes allowed); target ids are global. Each rank runs the ordinary
+row-statistics kernel on its slice, giving per row its slice's ``logp_k`` (of a stand-in
+target), ``entropy_k`` and ``lse_k``. Two all-reduces of ``[tokens]``-sized vectors combine
+them exactly (the slices are a partition of the vocabulary, softmax mass ``q_k``):
+
+    M      = max_k lse_k                          (all-reduce MAX, [N])
+    e_k    = exp(lse_k - M),  S = sum_k e_k       lse = M + log S,  q_k = e_k / S
+    entropy = sum_k q_k entropy_k - sum_k q_k log q_k      (the chain rule of entropy)
+    logp   = (logp_k + lse_k - M) - log S         (k: the rank holding the target)
+
+``S``, ``sum e_k entropy_k``, ``sum e_k (lse_k - M)`` and the target term travel in one
+all-reduce SUM of a ``[4, N]`` tensor. Every number is relative to ``M``: no cancellation
+of large ``lse`` values. After the reduction ``logp``, ``entropy``, ``lse`` and
+``sum_z p z = lse - entropy`` are the unsharded values on every rank, so the loss and its
+per-token derivatives ``dL/dlogp``, ``dL/dentropy`` are too, and each rank computes the
+gradient of its own slice analytically with the ordinary gradient kernel
+(``p = exp(z - lse)`` with the global ``lse``; the one-hot term only where it holds the
+target). The collectives run inside the forward of the autograd Function and nothing runs
+in the backward: a plain ``all_reduce`` inside autograd would back-propagate as the
+identity and give wrong gradients (ms-swift PR #9947).
+
+**Data-parallel**: ``group_advantages`` over groups whose rollouts span ranks gathers the
+rewards (``all_gather``), computes on the whole batch on every rank and returns this rank's
+slice; injection decisions are broadcast from the group's first rank so that every rank
+uses the same ones. ``decide_injections`` runs a gate once per group on the gathered
+rewards, with the same broadcast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["VocabShard", "vocab_shard", "VocabParallelOps", "combine_vocab_stats",
+           "rank_offset", "gather_rewards", "broadcast_decisions", "group_advantages",
+           "decide_injections"]
+
+
+def _require_initialized(what: str):
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{what} needs torch.distributed to be initialised "
+                         "(torch.distributed.init_process_group)")
+
+
+def _first_rank(group) -> int:
+    """The global rank of ``group``'s rank 0 (the source of broadcasts)."""
+    return 0 if group is None else dist.get_global_rank(group, 0)
+
+
+def _all_gather_sizes(n: int, device, group) -> list:
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, mine, group=group)
+    return [int(s) for s in sizes]
+
+
+def rank_offset(n: int, device, group=None) -> int:
+    """Where this rank's ``n`` items start in the rank-ordered concatenation."""
+    _require_initialized("process_group")
+    return sum(_all_gather_sizes(n, device, group)[:dist.get_rank(group)])
+
+
+# --------------------------------------------------------------------------- vocab-parallel
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's slice of the vocabulary: columns ``start .. start + size - 1``."""
+    group: object
+    start: int
+    size: int
+    vocab_size: int         # the whole vocabulary (the range of the target ids)
+
+
+def vocab_shard(logits: torch.Tensor, group) -> VocabShard:
+    """Where this rank's ``[..., V_k]`` slice sits: one all-gather of the slice sizes."""
+    _require_initialized("vocab_parallel_group")
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+        raise ValueError("logits must be a tensor with a vocabulary dimension last")
+    sizes = _all_gather_sizes(logits.shape[-1], logits.device, group)
+    rank = dist.get_rank(group)
+    return VocabShard(group, sum(sizes[:rank]), sizes[rank], sum(sizes))
+
+
+def combine_vocab_stats(logp_k, ent_k, lse_k, held, valid, group):
+    """Unsharded ``(logp, entropy, lse, sum_pz)`` from every rank's slice statistics.
+
+    ``logp_k`` counts only where this rank ``held`` the target. Two all-reduces of
+    ``[tokens]``-sized vectors (the formulas are in the module docstring). Rows that are
+    not ``valid`` give 0, as the single-device kernels do.
+    """
+    M = lse_k.clone()
+    dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
+    shift = lse_k - M
+    e = torch.exp(shift)
+    sums = torch.stack([e, e * ent_k, e * shift, torch.where(held, logp_k + shift, 0.0)])
+    dist.all_reduce(sums, group=group)
+    S, e_ent, e_shift, target = sums.unbind(0)
+    log_s = S.log()
+    entropy = (e_ent - e_shift) / S + log_s
+    lse = M + log_s
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    return (torch.where(valid, target - log_s, zero), torch.where(valid, entropy, zero),
+            torch.where(valid, lse, zero), torch.where(valid, lse - entropy, zero))
+
+
+# The CPU path's two passes over a slice. ``cpu.logprobs`` is written for -inf logits and
+# costs several passes per chunk; these follow ``cpu.loss._stats_and_grad`` (torch's fused
+# softmax, one exp per pass) and hand a chunk with a non-finite logit to ``cpu.logprobs``:
+# the statistics pass finds such chunks (``sum p*z`` is then not finite) and records them
+# for the gradient pass.
+def _cpu_chunks(logits):
+    from .cpu.loss import CHUNK_BYTES, row_ranges, row_view
+    step = max(1, CHUNK_BYTES // (4 * max(logits.shape[-1], 1)))
+    return [(r0, r1, row_view(logits, r0, r1)) for r0, r1 in row_ranges(logits, step)]
+
+
+def _scaled(chunk, inv_t):
+    """float32 ``chunk / T``; the chunk itself when that is already it (read-only use)."""
+    return chunk if (chunk.dtype == torch.float32 and inv_t == 1.0) else chunk.float() * inv_t
+
+
+def _cpu_slice_stats(logits, target_ids, temperature, ignore_index, unsafe: set):
+    """``cpu.logprobs.row_stats`` of a slice (``logp``, ``entropy``, ``lse``; 0 if ignored)."""
+    from .cpu import logprobs as safe_path
+    y = target_ids.reshape(-1)
+    valid = y != ignore_index
+    safe = torch.where(valid, y, 0).long()
+    inv_t = 1.0 / float(temperature)
+    out = tuple(torch.zeros(y.numel(), dtype=torch.float32, device=logits.device)
+                for _ in range(3))
+    for r0, r1, chunk in _cpu_chunks(logits):
+        z = _scaled(chunk, inv_t)
+        p = torch.softmax(z, dim=-1)
+        p_max, k = p.max(dim=-1, keepdim=True)
+        lse = z.gather(1, k) - p_max.log()           # p[k] >= 1/V: no underflow
+        sum_pz = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1, 1)
+        if bool(torch.isfinite(sum_pz).all() and torch.isfinite(lse).all()):
+            v = valid[r0:r1]
+            logp = z.gather(1, safe[r0:r1, None]) - lse
+            stats = [torch.where(v, t.view(-1), 0.0) for t in (logp, lse - sum_pz, lse)]
+        else:                                        # a non-finite logit: the NaN-safe route
+            unsafe.add((r0, r1))
+            stats = safe_path.row_stats(chunk, y[r0:r1], temperature, ignore_index)[:3]
+        for buf, value in zip(out, stats):
+            buf[r0:r1] = value
+    return out
+
+
+def _cpu_slice_grad(logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature,
+                    ignore_index, out, unsafe: set):
+    """``cpu.logprobs.grad_logits`` of a slice (targets outside ``[0, V_k)``: no one-hot)."""
+    from .cpu import logprobs as safe_path
+    from .cpu.loss import row_view
+    y = target_ids.reshape(-1)
+    V = logits.shape[-1]
+    valid = y != ignore_index
+    held = valid & (y >= 0) & (y < V)
+    safe = torch.where(held, y, 0).long()
+    inv_t = 1.0 / float(temperature)
+    lse, spz = lse.reshape(-1).float(), sum_pz.reshape(-1).float()
+    gl = None if g_logp is None else g_logp.reshape(-1).float()
+    ge = None if g_ent is None else g_ent.reshape(-1).float()
+    a = torch.zeros_like(lse) if gl is None else gl * inv_t
+    all_valid = bool(valid.all())
+    for r0, r1, chunk in _cpu_chunks(logits):
+        dst = row_view(out, r0, r1)
+        if (r0, r1) in unsafe:
+            safe_path.grad_logits(chunk, y[r0:r1], lse[r0:r1], spz[r0:r1],
+                                  None if gl is None else gl[r0:r1],
+                                  None if ge is None else ge[r0:r1],
+                                  temperature, ignore_index, out=dst)
+            continue
+        # d z = a (onehot - p) - b p (z - sum_pz)  =  p (-b z - (a - b sum_pz)) + a onehot
+        z = _scaled(chunk, inv_t)
+        p = torch.sub(z, lse[r0:r1, None]).exp_()
+        ar = a[r0:r1, None]
+        direct = dst.dtype == torch.float32 and dst.is_contiguous()
+        if ge is None:
+            g = torch.mul(p, -ar, out=dst) if direct else p.mul_(-ar)
+        else:
+            br = ge[r0:r1, None] * inv_t
+            # dst may alias the chunk (inplace_grad): elementwise, each read before written
+            g = torch.mul(z, -br, out=dst) if direct else z.mul(-br)
+            g.sub_(ar - br * spz[r0:r1, None]).mul_(p)
+        g.scatter_add_(1, safe[r0:r1, None], ar * held[r0:r1, None])
+        if not all_valid:
+            g.masked_fill_(~valid[r0:r1, None], 0.0)
+        if not direct:
+            dst.copy_(g)
+    return out
+
+
+class VocabParallelOps:
+    """A backend's ``row_stats`` / ``grad_logits`` over a vocabulary slice, global results.
+
+    Same internal API as ``cpu.logprobs`` / ``triton.logprobs`` (target ids global), so it
+    slots into ``SelectiveLogSoftmax`` and ``cpu.loss.sequence_level`` unchanged.
+    """
+
+    def __init__(self, base, shard: VocabShard):
+        from .cpu import logprobs as cpu_logprobs
+        self.base, self.shard = base, shard
+        self.cpu = base is cpu_logprobs
+        self.unsafe_chunks: set = set()     # CPU: chunks holding a non-finite logit
+
+    def _local_targets(self, target_ids, ignore_index, absent):
+        """Targets in slice coordinates; ``absent`` where another rank holds the target."""
+        y = target_ids.reshape(-1)
+        valid = y != ignore_index
+        local = y - self.shard.start
+        held = valid & (local >= 0) & (local < self.shard.size)
+        other = torch.where(valid, torch.full_like(y, absent), y)   # keeps ignore_index
+        return torch.where(held, local, other), held, valid
+
+    def row_stats(self, logits, target_ids, temperature=1.0, ignore_index=-100, *, out=None):
+        # Column 0 stands in for a target held elsewhere: its logp_k is not used.
+        y, held, valid = self._local_targets(target_ids, ignore_index, 0)
+        if self.cpu:
+            logp_k, ent_k, lse_k = _cpu_slice_stats(logits, y, temperature, ignore_index,
+                                                    self.unsafe_chunks)
+        else:
+            logp_k, ent_k, lse_k, _ = self.base.row_stats(logits, y, temperature,
+                                                          ignore_index)
+        stats = combine_vocab_stats(logp_k, ent_k, lse_k, held, valid, self.shard.group)
+        if out is None:
+            return stats
+        for buf, value in zip(out, stats):
+            buf.copy_(value)
+        return out
+
+    def grad_logits(self, logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature=1.0,
+                    ignore_index=-100, out=None):
+        # A target id outside [0, V_k) adds no one-hot term (both backends).
+        absent = self.shard.size if ignore_index != self.shard.size else self.shard.size + 1
+        y, _, _ = self._local_targets(target_ids, ignore_index, absent)
+        if self.cpu:
+            if out is None:
+                out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            return _cpu_slice_grad(logits, y, lse, sum_pz, g_logp, g_ent, temperature,
+                                   ignore_index, out, self.unsafe_chunks)
+        return self.base.grad_logits(logits, y, lse, sum_pz, g_logp, g_ent, temperature,
+                                     ignore_index, out=out)
+
+
+def hapo_loss_rows(logits, rows, opts, out: dict, grad: Optional[torch.Tensor], base,
+                   shard: VocabShard):
+    """The fused loss over a vocabulary slice (see ``hapo_kernels.loss``).
+
+    The statistics pass (with its two all-reduces), the per-token objective on
+    ``[tokens]`` vectors, then the slice's gradient pass: ``cpu.loss.sequence_level`` with
+    ``VocabParallelOps``, for token- and sequence-level importance sampling alike.
+    """
+    from .cpu.loss import sequence_level      # imported late: cpu.loss imports this package
+    sequence_level(logits, rows, opts, out, grad, VocabParallelOps(base, shard))
+
+
+# --------------------------------------------------------------------------- data-parallel
+def gather_rewards(rewards: torch.Tensor, group=None) -> Tuple[torch.Tensor, int]:
+    """Every rank's rewards concatenated in rank order, and where this rank's slice starts.
+
+    Ranks may hold different numbers of rollouts (an all-gather of the sizes, then of the
+    rewards padded to the largest).
+    """
+    _require_initialized("process_group")
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+        raise ValueError("rewards must be a 1-D tensor (this rank's rollouts), got "
+                         f"{getattr(rewards, 'shape', type(rewards).__name__)}")
+    sizes = _all_gather_sizes(rewards.numel(), rewards.device, group)
+    width = max(sizes)
+    padded = torch.zeros(width, dtype=rewards.dtype, device=rewards.device)
+    padded[:rewards.numel()] = rewards.detach()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    rank = dist.get_rank(group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+def broadcast_decisions(inject: torch.Tensor, group=None) -> torch.Tensor:
+    """The group's first rank's bool decisions, on every rank (same shape on each)."""
+    _require_initialized("process_group")
+    if not isinstance(inject, torch.Tensor):
+        raise ValueError(f"inject must be a bool tensor, got {type(inject).__name__}")
+    as_bytes = inject.to(torch.uint8).contiguous()     # gloo has no bool collectives
+    dist.broadcast(as_bytes, src=_first_rank(group), group=group)
+    return as_bytes.bool()
+
+
+def group_advantages(rewards, group_size, inject=None, *, process_group, **options):
+    """``hapo_kernels.group_advantages`` for groups that span the ranks of ``process_group``.
+
+    ``rewards`` is this rank's contiguous slice of the global ``[P*G]`` batch (rank order;
+    a group may start on one rank and end on another); ``inject`` is ``[P]`` for the whole
+    batch (rank 0's is used on every rank). Returns this rank's slice of the advantages and
+    the replaced index of every group ``[P]``, identical on every rank.
+    """
+    from .advantages import group_advantages as single_process
+    all_rewards, start = gather_rewards(rewards, process_group)
+    if inject is not None:
+        inject = broadcast_decisions(inject, process_group)
+    adv, replaced = single_process(all_rewards, group_size, inject, **options)
+    return adv[start:start + rewards.numel()], replaced
+
+
+def decide_injections(gate, rewards, group_size, process_group=None, **decide_kwargs):
+    """A gate's decision per group, made once on the gathered rewards; every rank agrees.
+
+    Every rank runs ``gate.decide`` on the whole batch (so a persistent gate's state stays
+    the same everywhere), then the first rank's decisions are broadcast (a sampling gate
+    with different seeds per rank would otherwise disagree). ``decide_kwargs``
+    (``prompt_ids``, ``has_demo``, ``step``) describe the whole batch's groups.
+    """
+    all_rewards, _ = gather_rewards(rewards, process_group)
+    inject = gate.decide(all_rewards, group_size, **decide_kwargs)
+    return broadcast_decisions(inject, process_group).to(rewards.device)
