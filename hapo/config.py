@@ -63,6 +63,9 @@ class HAPOConfig:
     max_grad_norm: Optional[float] = 1.0
     seed: int = 0                       # sampling generator of the trainer
     progress: bool = True               # tqdm bar in HAPOTrainer.train
+    # --- memory: the LM head fused into the loss (hapo_kernels.fused_linear_hapo_loss)
+    fused_linear: bool = False          # never materialise [tokens, V] logits in the loss
+    fused_linear_chunk_size: Optional[int] = None   # tokens per chunk (None: from memory)
 
     def __post_init__(self):
         self.gate_prior = tuple(self.gate_prior)
@@ -76,6 +79,12 @@ class HAPOConfig:
                                                   or self.micro_batch_size < 1):
             raise ValueError(f"micro_batch_size must be a positive int or None, got "
                              f"{self.micro_batch_size!r}")
+        if not isinstance(self.fused_linear, bool):
+            raise ValueError(f"fused_linear must be a bool, got {self.fused_linear!r}")
+        c = self.fused_linear_chunk_size
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"fused_linear_chunk_size must be a positive int or None, got "
+                             f"{c!r}")
         O._choice("inject", self.inject, INJECT_MODES)
         O._choice("gate_schedule", self.gate_schedule, tuple(SCHEDULES))
         O.check_scale(self.scale)
