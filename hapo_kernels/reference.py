@@ -26,7 +26,9 @@ def log_probs(logits, target_ids, temperature=1.0, ignore_index=O.IGNORE_INDEX):
     valid = target_ids != ignore_index
     safe = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long()
     logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
-    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    p = torch.softmax(z, dim=-1)
+    # A -inf logit (a masked vocabulary entry) has p = 0 and adds nothing: not 0 * -inf.
+    entropy = lse - torch.where(p > 0, p * z, torch.zeros_like(p)).sum(-1)
     zero = torch.zeros((), dtype=torch.float64, device=logits.device)
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
 

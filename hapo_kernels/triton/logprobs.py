@@ -23,6 +23,31 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
+def online_lse_block(m, s, w, z):
+    """Fold a block ``z`` of scaled logits into the running ``(m, s, w)`` of a row.
+
+    ``m`` is the running max, ``s = sum exp(z - m)`` and ``w = sum exp(z - m) * (z - m)``,
+    so that ``lse = m + log s`` and ``entropy = log s - w / s`` never subtract two large
+    numbers. Shared by every kernel that reads a logits row (here and ``triton/loss.py``).
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    # While every logit so far is -inf (a masked vocabulary range) s = w = 0 and any
+    # shift will do: use 0, since -inf - -inf would be NaN.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = z - shift
+    e = tl.exp(d)
+    # e * d is 0 * -inf where a logit is -inf (or masked); such a token adds 0.
+    w_blk = tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)
+    s_blk = tl.sum(e, axis=0)
+    alpha = tl.exp(m - shift)
+    # Re-basing w from m to the shift: sum e_old * (z - shift) = alpha * (w + s * (m - shift)).
+    # Guarded: while s = 0, m - shift may be -inf.
+    w = alpha * (w + s * tl.where(s > 0, m - shift, 0.0)) + w_blk
+    s = s * alpha + s_blk
+    return m_new, s, w
+
+
+@triton.jit
 def _row_stats_kernel(x_ptr, y_ptr, logp_ptr, ent_ptr, lse_ptr, spz_ptr,
                       T, V, stride_b, stride_t, inv_temp, ignore_index,
                       BLOCK_V: tl.constexpr):
@@ -44,21 +69,7 @@ def _row_stats_kernel(x_ptr, y_ptr, logp_ptr, ent_ptr, lse_ptr, spz_ptr,
         idx = start + cols
         z = tl.load(x_row + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
         z = z * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # While every logit so far is -inf (a masked vocabulary range) s = w = 0 and any
-        # shift will do: use 0, since -inf - -inf would be NaN.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = z - shift
-        e = tl.exp(d)
-        # e * d is 0 * -inf where a logit is -inf (or masked); such a token adds 0.
-        w_blk = tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)
-        s_blk = tl.sum(e, axis=0)
-        alpha = tl.exp(m - shift)
-        # Re-basing w from m to the shift: sum e_old * (z - shift) = alpha * (w + s * (m - shift)).
-        # Guarded: while s = 0, m - shift may be -inf.
-        w = alpha * (w + s * tl.where(s > 0, m - shift, 0.0)) + w_blk
-        s = s * alpha + s_blk
-        m = m_new
+        m, s, w = online_lse_block(m, s, w, z)
 
     s = tl.where(valid, s, 1.0)         # ignored rows: no 0/0, outputs are zeroed below
     log_s = tl.log(s)

@@ -26,6 +26,7 @@ from ..cpu.loss import RowInputs, sequence_level
 from ..layout import row_layout
 from ..options import LossOptions
 from . import logprobs
+from .logprobs import online_lse_block
 from .rows import row_offset
 
 MAX_BLOCK_V = 4096
@@ -97,14 +98,7 @@ def _hapo_loss_kernel(
         idx = start + cols
         z = tl.load(x_row + idx, mask=idx < n_read, other=float("-inf")).to(tl.float32)
         z = z * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        d = z - m_new
-        e = tl.exp(d)
-        w_blk = tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)   # 0 * -inf at p = 0: adds 0
-        alpha = tl.exp(m - m_new)
-        w = tl.where(s > 0, alpha * (w + s * (m - m_new)), 0.0) + w_blk
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, s, w = online_lse_block(m, s, w, z)
     log_s = tl.log(s)
     z_y = tl.load(x_row + y, mask=valid, other=0.0).to(tl.float32) * inv_temp
     logp = tl.where(valid, (z_y - m) - log_s, 0.0)
@@ -127,6 +121,9 @@ def _hapo_loss_kernel(
     if USE_ENT:
         loss -= entropy_coef * ent
         g_ent = -entropy_coef
+    # tl.minimum / tl.maximum drop NaN (IEEE minNum), so a NaN logit or log-ratio could
+    # come out of the clip as a finite loss. DESIGN section 9: non-finite in, non-finite out.
+    loss = tl.where((logp != logp) | (ent != ent) | (rho != rho), float("nan"), loss)
     # Clip fractions count on-policy tokens (and teacher tokens under "ratio").
     counted = valid & (~is_teacher)
     if TEACHER_OBJ == 2:
