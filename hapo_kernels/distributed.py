@@ -111,93 +111,6 @@ def combine_vocab_stats(logp_k, ent_k, lse_k, held, valid, group):
             torch.where(valid, lse, zero), torch.where(valid, lse - entropy, zero))
 
 
-# The CPU path's two passes over a slice. ``cpu.logprobs`` is written for -inf logits and
-# costs several passes per chunk; these follow ``cpu.loss._stats_and_grad`` (torch's fused
-# softmax, one exp per pass) and hand a chunk with a non-finite logit to ``cpu.logprobs``:
-# the statistics pass finds such chunks (``sum p*z`` is then not finite) and records them
-# for the gradient pass.
-def _cpu_chunks(logits):
-    from .cpu.loss import CHUNK_BYTES, row_ranges, row_view
-    step = max(1, CHUNK_BYTES // (4 * max(logits.shape[-1], 1)))
-    return [(r0, r1, row_view(logits, r0, r1)) for r0, r1 in row_ranges(logits, step)]
-
-
-def _scaled(chunk, inv_t):
-    """float32 ``chunk / T``; the chunk itself when that is already it (read-only use)."""
-    return chunk if (chunk.dtype == torch.float32 and inv_t == 1.0) else chunk.float() * inv_t
-
-
-def _cpu_slice_stats(logits, target_ids, temperature, ignore_index, unsafe: set):
-    """``cpu.logprobs.row_stats`` of a slice (``logp``, ``entropy``, ``lse``; 0 if ignored)."""
-    from .cpu import logprobs as safe_path
-    y = target_ids.reshape(-1)
-    valid = y != ignore_index
-    safe = torch.where(valid, y, 0).long()
-    inv_t = 1.0 / float(temperature)
-    out = tuple(torch.zeros(y.numel(), dtype=torch.float32, device=logits.device)
-                for _ in range(3))
-    for r0, r1, chunk in _cpu_chunks(logits):
-        z = _scaled(chunk, inv_t)
-        p = torch.softmax(z, dim=-1)
-        p_max, k = p.max(dim=-1, keepdim=True)
-        lse = z.gather(1, k) - p_max.log()           # p[k] >= 1/V: no underflow
-        sum_pz = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1, 1)
-        if bool(torch.isfinite(sum_pz).all() and torch.isfinite(lse).all()):
-            v = valid[r0:r1]
-            logp = z.gather(1, safe[r0:r1, None]) - lse
-            stats = [torch.where(v, t.view(-1), 0.0) for t in (logp, lse - sum_pz, lse)]
-        else:                                        # a non-finite logit: the NaN-safe route
-            unsafe.add((r0, r1))
-            stats = safe_path.row_stats(chunk, y[r0:r1], temperature, ignore_index)[:3]
-        for buf, value in zip(out, stats):
-            buf[r0:r1] = value
-    return out
-
-
-def _cpu_slice_grad(logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature,
-                    ignore_index, out, unsafe: set):
-    """``cpu.logprobs.grad_logits`` of a slice (targets outside ``[0, V_k)``: no one-hot)."""
-    from .cpu import logprobs as safe_path
-    from .cpu.loss import row_view
-    y = target_ids.reshape(-1)
-    V = logits.shape[-1]
-    valid = y != ignore_index
-    held = valid & (y >= 0) & (y < V)
-    safe = torch.where(held, y, 0).long()
-    inv_t = 1.0 / float(temperature)
-    lse, spz = lse.reshape(-1).float(), sum_pz.reshape(-1).float()
-    gl = None if g_logp is None else g_logp.reshape(-1).float()
-    ge = None if g_ent is None else g_ent.reshape(-1).float()
-    a = torch.zeros_like(lse) if gl is None else gl * inv_t
-    all_valid = bool(valid.all())
-    for r0, r1, chunk in _cpu_chunks(logits):
-        dst = row_view(out, r0, r1)
-        if (r0, r1) in unsafe:
-            safe_path.grad_logits(chunk, y[r0:r1], lse[r0:r1], spz[r0:r1],
-                                  None if gl is None else gl[r0:r1],
-                                  None if ge is None else ge[r0:r1],
-                                  temperature, ignore_index, out=dst)
-            continue
-        # d z = a (onehot - p) - b p (z - sum_pz)  =  p (-b z - (a - b sum_pz)) + a onehot
-        z = _scaled(chunk, inv_t)
-        p = torch.sub(z, lse[r0:r1, None]).exp_()
-        ar = a[r0:r1, None]
-        direct = dst.dtype == torch.float32 and dst.is_contiguous()
-        if ge is None:
-            g = torch.mul(p, -ar, out=dst) if direct else p.mul_(-ar)
-        else:
-            br = ge[r0:r1, None] * inv_t
-            # dst may alias the chunk (inplace_grad): elementwise, each read before written
-            g = torch.mul(z, -br, out=dst) if direct else z.mul(-br)
-            g.sub_(ar - br * spz[r0:r1, None]).mul_(p)
-        g.scatter_add_(1, safe[r0:r1, None], ar * held[r0:r1, None])
-        if not all_valid:
-            g.masked_fill_(~valid[r0:r1, None], 0.0)
-        if not direct:
-            dst.copy_(g)
-    return out
-
-
 class VocabParallelOps:
     """A backend's ``row_stats`` / ``grad_logits`` over a vocabulary slice, global results.
 
@@ -206,10 +119,7 @@ class VocabParallelOps:
     """
 
     def __init__(self, base, shard: VocabShard):
-        from .cpu import logprobs as cpu_logprobs
         self.base, self.shard = base, shard
-        self.cpu = base is cpu_logprobs
-        self.unsafe_chunks: set = set()     # CPU: chunks holding a non-finite logit
 
     def _local_targets(self, target_ids, ignore_index, absent):
         """Targets in slice coordinates; ``absent`` where another rank holds the target."""
@@ -223,12 +133,7 @@ class VocabParallelOps:
     def row_stats(self, logits, target_ids, temperature=1.0, ignore_index=-100, *, out=None):
         # Column 0 stands in for a target held elsewhere: its logp_k is not used.
         y, held, valid = self._local_targets(target_ids, ignore_index, 0)
-        if self.cpu:
-            logp_k, ent_k, lse_k = _cpu_slice_stats(logits, y, temperature, ignore_index,
-                                                    self.unsafe_chunks)
-        else:
-            logp_k, ent_k, lse_k, _ = self.base.row_stats(logits, y, temperature,
-                                                          ignore_index)
+        logp_k, ent_k, lse_k, _ = self.base.row_stats(logits, y, temperature, ignore_index)
         stats = combine_vocab_stats(logp_k, ent_k, lse_k, held, valid, self.shard.group)
         if out is None:
             return stats
@@ -241,11 +146,6 @@ class VocabParallelOps:
         # A target id outside [0, V_k) adds no one-hot term (both backends).
         absent = self.shard.size if ignore_index != self.shard.size else self.shard.size + 1
         y, _, _ = self._local_targets(target_ids, ignore_index, absent)
-        if self.cpu:
-            if out is None:
-                out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            return _cpu_slice_grad(logits, y, lse, sum_pz, g_logp, g_ent, temperature,
-                                   ignore_index, out, self.unsafe_chunks)
         return self.base.grad_logits(logits, y, lse, sum_pz, g_logp, g_ent, temperature,
                                      ignore_index, out=out)
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hapo_kernels.cpu.loss import row_ranges, row_view
+from hapo_kernels.cpu.logprobs import row_ranges, row_view
 from hapo_kernels.layout import row_layout, rows_2d
 from hapo_kernels.triton.rows import row_offset
 
@@ -75,8 +75,9 @@ def test_layout_math_past_int32(shape, strides):
     # The CPU path's chunks cover every row exactly once, each a view of V columns.
     chunks = row_ranges(x, 4096)
     assert chunks[0][0] == 0 and sum(r1 - r0 for r0, r1 in chunks) == L.rows
-    r0, r1 = chunks[-1]
-    assert row_view(x, r0, r1).shape == (r1 - r0, L.V)
+    for r0, r1 in (chunks[0], chunks[-1]):
+        view = row_view(x, r0, r1)          # [rows, V], or [b, T, V] for whole sequences
+        assert view.shape[-1] == L.V and view.numel() == (r1 - r0) * L.V
     flat = rows_2d(x)
     assert flat is None or flat.shape == (L.rows, L.V)
 

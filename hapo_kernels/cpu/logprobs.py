@@ -6,18 +6,27 @@ Same math and internal API as ``hapo_kernels.triton.logprobs`` (DESIGN section 3
     grad_logits(logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature, ignore_index,
                 out=None) -> gradient with the logits' shape and dtype
 
-Only a chunk of rows is ever held in float32 (about ``CHUNK_BYTES`` per temporary, a few
-temporaries alive at once), never an fp32 copy of the whole logits. Statistics are kept
-relative to the row max ``m`` so that ``entropy = log s - sum e*(z-m) / s`` involves only
-O(log V)-sized numbers (no cancellation of two large ``lse`` values).
+Only a chunk of rows is ever held in float32 (``CHUNK_BYTES`` per temporary, two or three
+alive at once), never an fp32 copy of the whole logits. This module also holds the chunk
+primitives that every CPU path shares (``cpu.loss``, ``cpu.linear``, ``distributed``):
+
+* ``row_ranges`` / ``row_view`` / ``scaled_rows``: which rows a chunk holds, read in place;
+* ``softmax_stats``: the fast statistics of a chunk, one fused ``log_softmax`` and one ``exp``;
+* ``chunk_grad``: the gradient rows of a chunk from those statistics.
+
+A chunk with a non-finite logit (a masked ``-inf`` vocabulary entry makes ``p * z`` a
+``0 * -inf``) takes the slower NaN-safe route, ``safe_row_stats`` / ``safe_grad_logits``,
+whose statistics are kept relative to the row max ``m`` (no cancellation of large values).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from ..layout import row_layout, rows_2d
 
-# Size of one float32 [chunk, V] temporary; about four are alive at once.
+# Size of one float32 [chunk, V] temporary.
 CHUNK_BYTES = 16 << 20
 
 
@@ -26,74 +35,136 @@ def chunk_rows(V: int) -> int:
     return max(1, CHUNK_BYTES // (4 * max(V, 1)))
 
 
-def _row_index(logits: torch.Tensor, r0: int, r1: int):
-    """(b, t) indices of rows r0..r1 for tensors without a [rows, V] view."""
-    L = row_layout(logits)
-    r = torch.arange(r0, r1, device=logits.device)
-    return r // L.T, r % L.T
+# --------------------------------------------------------------------------- chunking
+def row_ranges(tensor: torch.Tensor, step: int):
+    """``(r0, r1)`` chunks of at most ``step`` rows that ``row_view`` views without a copy.
+
+    Where the rows have no flat ``[rows, V]`` view (e.g. ``logits[:, :-1]``), a chunk holds
+    whole sequences when they are short, else a piece of one sequence.
+    """
+    L = row_layout(tensor)
+    if rows_2d(tensor) is not None:
+        return [(r0, min(L.rows, r0 + step)) for r0 in range(0, L.rows, step)]
+    if L.T <= step:
+        per = step // L.T
+        return [(b0 * L.T, min(L.B, b0 + per) * L.T) for b0 in range(0, L.B, per)]
+    return [(b * L.T + t0, b * L.T + min(L.T, t0 + step))
+            for b in range(L.B) for t0 in range(0, L.T, step)]
 
 
-def _read_rows(logits: torch.Tensor, flat, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0..r1 as [c, V]: a view when one exists, else a gather of just those rows."""
+def row_view(tensor: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0..r1`` (from ``row_ranges``) as a view: ``[r1 - r0, V]``, or ``[b, T, V]``
+    for whole sequences of a layout without a flat view."""
+    flat = rows_2d(tensor)
     if flat is not None:
         return flat[r0:r1]
-    b, t = _row_index(logits, r0, r1)
-    return logits[b, t] if logits.dim() == 3 else logits[t]
+    T = row_layout(tensor).T
+    b = r0 // T
+    if r0 % T == 0 and r1 - r0 > T:
+        return tensor[b:r1 // T]
+    return tensor[b, r0 - b * T:r1 - b * T]
 
 
-def _write_rows(out: torch.Tensor, flat, r0: int, r1: int, value: torch.Tensor):
-    if flat is not None:
-        flat[r0:r1].copy_(value)
-        return
-    b, t = _row_index(out, r0, r1)
-    if out.dim() == 3:
-        out[b, t] = value.to(out.dtype)
-    else:
-        out[t] = value.to(out.dtype)
+def scaled_rows(chunk: torch.Tensor, inv_t: float):
+    """``(z, owned)``: float32 ``[rows, V]`` of ``chunk / T``, and whether ``z`` is a new
+    tensor that may be overwritten (``False``: it is the caller's chunk itself)."""
+    if chunk.dtype == torch.float32 and inv_t == 1.0:
+        z = chunk.reshape(-1, chunk.shape[-1])
+        return z, z.data_ptr() != chunk.data_ptr()
+    return (chunk.float() * inv_t).reshape(-1, chunk.shape[-1]), True
 
 
-def _targets(target_ids: torch.Tensor, ignore_index: int):
+def store_rows(dst: torch.Tensor, value: torch.Tensor):
+    """Write ``[rows, V]`` ``value`` into a ``row_view`` (2-D or whole sequences)."""
+    dst.copy_(value.view(dst.shape))
+
+
+def _targets(target_ids: torch.Tensor, ignore_index: int, V: int):
+    """Flat safe targets (0 where ignored or outside ``[0, V)``), held and valid masks.
+
+    A target outside ``[0, V)`` other than ``ignore_index`` is one that a vocabulary
+    shard does not hold (``distributed``): it adds no one-hot term.
+    """
     y = target_ids.reshape(-1)
     valid = y != ignore_index
-    safe = torch.where(valid, y, torch.zeros_like(y)).long()
-    return safe, valid
+    held = valid & (y >= 0) & (y < V)
+    return torch.where(held, y, torch.zeros_like(y)).long(), held, valid
 
 
+# --------------------------------------------------------------------------- chunk math
+# Finite stand-in for log p = -inf at a masked (-inf) logit: p = 0 there, so any finite
+# value gives the same gradient, and b * (lp + ent) stays finite for any sane b.
+NEG_LOG_P = -1e30
+
+
+def chunk_stats(z: torch.Tensor, owned: bool, y: torch.Tensor):
+    """``(lp, p, lse, ent, logp)`` of a float32 ``[c, V]`` chunk (``[c, 1]`` but lp, p).
+
+    Kept relative to the row max ``m``: ``d = z - m``, ``s = sum e^d``, ``w = sum e^d d``,
+    ``lse = m + log s``, ``entropy = log s - w / s`` (DESIGN section 3: the sum of
+    ``p * z`` without cancelling two large numbers). ``lp = d - log s`` (log p) and
+    ``p = e^d / s`` are returned for the gradient, in the two temporaries. A ``-inf``
+    logit (masked vocabulary) adds nothing; a NaN, ``+inf`` or all ``-inf`` row gives NaN.
+    ``owned``: ``z`` may be overwritten.
+    """
+    m = z.amax(dim=-1, keepdim=True)
+    d = z.sub_(m) if owned else z - m
+    e = d.exp()
+    s = e.sum(dim=-1, keepdim=True)
+    w = torch.linalg.vecdot(e, d).view(-1, 1)     # pairwise sum: bmm's lost ~1e-5
+    if not bool(torch.isfinite(w).all()):
+        # e * d is 0 * -inf at a -inf logit: count it as 0, and keep log p finite there.
+        masked = d == float("-inf")
+        w = torch.where(masked, 0.0, e * d).sum(dim=-1, keepdim=True)
+        d.masked_fill_(masked & torch.isfinite(m), NEG_LOG_P)
+    log_s = s.log()
+    logp = d.gather(1, y[:, None]) - log_s
+    ent = log_s - w / s
+    return d.sub_(log_s), e.div_(s), m + log_s, ent, logp
+
+
+def chunk_grad(lp, p, ent, a, b, y, held, valid, dst):
+    """``dst <- a * (onehot - p) - b * p * (z - sum_pz)`` for one chunk.
+
+    With ``lp = z - lse`` and ``z - sum_pz = lp + ent`` this is
+    ``a * onehot - p * (a + b * (lp + ent))``. ``a``, ``b``, ``ent`` are ``[c, 1]`` (``a``
+    and ``b`` already divided by T; ``b`` may be ``None``). ``lp`` and ``p`` are
+    temporaries and are reused in place. ``dst`` is a ``row_view`` of the output (it may be
+    the logits themselves: they are not read any more).
+    """
+    direct = dst.dtype == torch.float32 and dst.dim() == 2 and dst.is_contiguous()
+    if b is None:
+        g = torch.mul(p, -a, out=dst) if direct else p.mul_(-a)
+    else:
+        g = torch.mul(lp, -b, out=dst) if direct else lp.mul_(-b)
+        g.sub_(a + b * ent).mul_(p)
+    g.scatter_add_(1, y[:, None], a * held[:, None])
+    if not bool(valid.all()):
+        g.masked_fill_(~valid[:, None], 0.0)
+    if not direct:
+        store_rows(dst, g)
+
+
+# --------------------------------------------------------------------------- public internals
 def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=None):
     """float32 ``(logp, entropy, lse, sum_pz)`` per row (``[target_ids.numel()]`` each).
 
-    ``logp`` and ``entropy`` are 0 on ignored rows; ``lse`` and ``sum_pz`` are 0 there too
-    (the Triton kernel skips reading those rows). ``out``: optional tuple of four float32
-    ``[rows]`` buffers to write into.
+    All four are 0 on ignored rows (the Triton kernel skips reading those rows). ``out``:
+    optional tuple of four float32 ``[rows]`` buffers to write into.
     """
     rows, V = target_ids.numel(), logits.shape[-1]
     if out is None:
         out = tuple(torch.empty(rows, dtype=torch.float32, device=logits.device)
                     for _ in range(4))
-    logp, ent, lse, spz = out
-    safe, valid = _targets(target_ids, ignore_index)
-    flat = rows_2d(logits)
+    safe, _, valid = _targets(target_ids, ignore_index, V)
     inv_t = 1.0 / float(temperature)
-    step = chunk_rows(V)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        # The one fp32 slice. A new tensor: never .mul_, since .float() of fp32 is the input.
-        z = _read_rows(logits, flat, r0, r1).float() * inv_t
-        m = z.amax(dim=-1, keepdim=True)
-        z_y = z.gather(1, safe[r0:r1, None])
-        d = z.sub_(m)                                                 # z - m, in place
-        e = d.exp()
-        s = e.sum(dim=-1)
-        # e * d is 0 * -inf = NaN where a logit is -inf; that token has p = 0, term 0.
-        w = (e * torch.where(e > 0, d, 0.0)).sum(dim=-1)
-        log_s = s.log()
+    for r0, r1 in row_ranges(logits, chunk_rows(V)):
+        _, _, lse, ent, logp = chunk_stats(*scaled_rows(row_view(logits, r0, r1), inv_t),
+                                           safe[r0:r1])
         v = valid[r0:r1]
-        mm = m.squeeze(1)
-        logp[r0:r1] = torch.where(v, (z_y.squeeze(1) - mm) - log_s, 0.0)
-        ent[r0:r1] = torch.where(v, log_s - w / s, 0.0)
-        lse[r0:r1] = torch.where(v, mm + log_s, 0.0)
-        spz[r0:r1] = torch.where(v, mm + w / s, 0.0)
-    return logp, ent, lse, spz
+        for buf, value in zip(out, (logp, ent, lse, lse - ent)):
+            buf[r0:r1] = torch.where(v, value.view(-1), 0.0)
+    return out
 
 
 def grad_logits(logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature=1.0,
@@ -102,36 +173,23 @@ def grad_logits(logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature=1.0,
 
     ``g_logp`` / ``g_ent`` are per-row upstream gradients (``None``: that term is skipped).
     The result has the logits' shape and dtype and is written into ``out`` when given
-    (``out`` may be ``logits`` itself: each chunk is read before it is overwritten).
-    A target outside ``[0, V)`` (other than ``ignore_index``) adds no one-hot term: a
-    vocab-parallel shard that does not hold the target (as in the Triton kernel).
+    (``out`` may be ``logits`` itself). A target outside ``[0, V)`` (other than
+    ``ignore_index``) adds no one-hot term: a vocabulary shard that does not hold it.
     """
     rows, V = target_ids.numel(), logits.shape[-1]
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    safe, valid = _targets(target_ids, ignore_index)
-    held = (safe >= 0) & (safe < V)
-    safe = torch.where(held, safe, 0)
-    src, dst = rows_2d(logits), rows_2d(out)
+    safe, held, valid = _targets(target_ids, ignore_index, V)
     inv_t = 1.0 / float(temperature)
-    lse = lse.reshape(-1).float()
-    spz = sum_pz.reshape(-1).float()
-    gl = None if g_logp is None else g_logp.reshape(-1).float()
-    ge = None if g_ent is None else g_ent.reshape(-1).float()
-    step = chunk_rows(V)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        v = valid[r0:r1, None]
-        z = _read_rows(logits, src, r0, r1).float() * inv_t
-        p = (z - lse[r0:r1, None]).exp_()
-        grad = torch.zeros_like(z)
-        if ge is not None:
-            # p * (z - sum_pz) is 0 * -inf = NaN at a -inf logit; that token has p = 0.
-            grad = (p * torch.where(p > 0, z - spz[r0:r1, None], 0.0)).mul_(-ge[r0:r1, None])
-        if gl is not None:
-            g = gl[r0:r1, None]
-            grad.sub_(p * g)
-            grad.scatter_add_(1, safe[r0:r1, None], g * held[r0:r1, None])
-        grad = torch.where(v, grad.mul_(inv_t), 0.0)
-        _write_rows(out, dst, r0, r1, grad.to(out.dtype))
+    lse, spz = lse.reshape(-1, 1).float(), sum_pz.reshape(-1, 1).float()
+    a = (torch.zeros_like(lse) if g_logp is None else g_logp.reshape(-1, 1).float()) * inv_t
+    b = None if g_ent is None else g_ent.reshape(-1, 1).float() * inv_t
+    for r0, r1 in row_ranges(logits, chunk_rows(V)):
+        z, owned = scaled_rows(row_view(logits, r0, r1), inv_t)
+        lp = z.sub_(lse[r0:r1]) if owned else z - lse[r0:r1]
+        p = lp.exp()
+        if b is not None:             # a -inf logit: p = 0, keep p * (lp + ent) at 0
+            lp.clamp_(min=NEG_LOG_P)
+        chunk_grad(lp, p, (lse - spz)[r0:r1], a[r0:r1], None if b is None else b[r0:r1],
+                   safe[r0:r1], held[r0:r1], valid[r0:r1], row_view(out, r0, r1))
     return out
