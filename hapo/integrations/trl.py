@@ -14,16 +14,22 @@ checkpoints) is TRL's own. What changes:
   demonstration; where TRL scores a generation batch the gate decides per group whether to
   inject, SSI (``hapo.inject_successes``) puts the demonstration in place of the worst
   rollout, advantages come from ``hk.group_advantages`` and the teacher tokens are trained
-  with the shaped objective.
+  with the shaped objective;
+* with ``fused_linear=True``, log-probs, entropies and the loss come from the policy's last
+  hidden state and its LM head weight (``hk.fused_linear_selective_log_softmax`` /
+  ``hk.fused_linear_hapo_loss``): the completion logits are never materialised.
 
 A ``GRPOConfig`` option this trainer cannot honour raises ``ValueError`` at construction
 (``unsupported_options`` lists them); none is ignored silently.
 """
 from __future__ import annotations
 
+import functools
+import types
 from typing import Optional
 
 import torch
+from accelerate.utils import is_peft_model
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin, use_adapter
 
@@ -32,6 +38,7 @@ from hapo_kernels import options as O
 from hapo_kernels.reference import token_objective
 
 from ..config import HAPOConfig
+from ..lm_head import output_head
 from ..ssi import inject_successes
 
 __all__ = ["HAPOGRPOTrainer", "unsupported_options", "SUPPORTED_LOSS_TYPES", "TESTED_TRL"]
@@ -85,6 +92,48 @@ def unsupported_options(args: GRPOConfig, hapo: Optional[HAPOConfig] = None) -> 
     return bad
 
 
+# Text-config fields by which a model changes its logits after the LM head (the ones TRL's
+# fused LM head reads). The fused-linear path computes plain ``hidden @ weight.T + bias``.
+_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def _logit_transforms(config) -> list:
+    """The fields of ``config`` that make its logits more than ``hidden @ weight.T + bias``."""
+    text = config.get_text_config()
+    found = []
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap is not None:
+        found.append(f"final_logit_softcapping={cap}")
+    for name in _LOGIT_SCALES:
+        value = getattr(text, name, None)
+        if value is not None and value != 1.0:
+            found.append(f"{name}={value}")
+    return found
+
+
+def _add_hidden_state_forward(model) -> None:
+    """Make ``model(..., hapo_last_hidden_state=True)`` return the decoder's last hidden state
+    ``[B, L, H]`` (the LM head's input) instead of running the head.
+
+    The call still goes through the model's own ``forward`` (like TRL's fused LM head, which
+    patches it the same way), so wrappers around it (DDP's gradient sync, accelerate's
+    autocast) see a normal forward. Without the flag the previous forward runs unchanged.
+    """
+    if getattr(model, "_hapo_hidden_state_forward", False):
+        return
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)      # generate() validates its kwargs against it
+    def forward(self, *args, hapo_last_hidden_state=False, **kwargs):
+        if not hapo_last_hidden_state:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return self.get_decoder()(*args, **kwargs).last_hidden_state
+
+    model.forward = types.MethodType(forward, model)
+    model._hapo_hidden_state_forward = True
+
+
 def _teacher_ids(demo, tokenizer, eos_id) -> Optional[torch.Tensor]:
     """A demonstration from the dataset column as completion token ids (None: no demo)."""
     if demo is None:
@@ -111,14 +160,24 @@ class HAPOGRPOTrainer(GRPOTrainer):
             are used.
         teacher_column: the dataset column with each prompt's teacher demonstration: a
             completion string (tokenized, EOS appended) or token ids; None: no demo.
+        fused_linear: compute log-probs, entropies and the loss from the last hidden state
+            and the LM head weight (and bias), never materialising the completion logits.
+            ``HAPOConfig(fused_linear=True)`` turns it on too. Not for models that change
+            their logits after the head (``final_logit_softcapping``, a logit scale).
+        fused_linear_chunk_size: tokens per chunk on that path (None: sized from memory);
+            ``HAPOConfig.fused_linear_chunk_size`` is used when this is None.
     """
 
     def __init__(self, model, reward_funcs=None, args: Optional[GRPOConfig] = None, *rest,
-                 hapo: Optional[HAPOConfig] = None, teacher_column: str = "teacher", **kwargs):
+                 hapo: Optional[HAPOConfig] = None, teacher_column: str = "teacher",
+                 fused_linear: bool = False, fused_linear_chunk_size: Optional[int] = None,
+                 **kwargs):
         if args is None:
             args = GRPOConfig(output_dir="hapo-grpo")
         if hapo is not None and not isinstance(hapo, HAPOConfig):
             raise ValueError(f"hapo must be a HAPOConfig or None, got {type(hapo).__name__}")
+        self.fused_linear, self.fused_linear_chunk_size = self._fused_linear_settings(
+            fused_linear, fused_linear_chunk_size, hapo)
         bad = unsupported_options(args, hapo)
         if bad:
             raise ValueError("HAPOGRPOTrainer cannot honour these GRPOConfig options: "
@@ -154,6 +213,43 @@ class HAPOGRPOTrainer(GRPOTrainer):
         # its own backward (a tanh soft-cap does); autograd would refuse that loudly.
         text_config = self.model.config.get_text_config()
         self._inplace_grad = getattr(text_config, "final_logit_softcapping", None) is None
+        if self.fused_linear:
+            self._setup_fused_linear()
+
+    @staticmethod
+    def _fused_linear_settings(fused_linear, chunk_size, hapo):
+        """``(fused_linear, chunk_size)`` from the keyword arguments and ``hapo``'s fields."""
+        if not isinstance(fused_linear, bool):
+            raise ValueError(f"fused_linear must be a bool, got {fused_linear!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool)
+                                       or not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise ValueError(f"fused_linear_chunk_size must be a positive int or None, got "
+                             f"{chunk_size!r}")
+        if hapo is not None:
+            fused_linear = fused_linear or hapo.fused_linear
+            other = hapo.fused_linear_chunk_size
+            if chunk_size is not None and other is not None and other != chunk_size:
+                raise ValueError(f"fused_linear_chunk_size={chunk_size} disagrees with "
+                                 f"HAPOConfig.fused_linear_chunk_size={other}; set one")
+            chunk_size = chunk_size if chunk_size is not None else other
+        return fused_linear, chunk_size
+
+    def _setup_fused_linear(self):
+        """Check the models have a plain linear LM head, and give them the hidden-state call."""
+        found = _logit_transforms(self.model.config)
+        if found:
+            raise ValueError("fused_linear=True computes hidden @ lm_head.weight.T + bias, but "
+                             f"this model changes its logits after the head ({', '.join(found)});"
+                             " use fused_linear=False for it")
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3):
+            raise ValueError("fused_linear=True reads lm_head.weight directly; it cannot run "
+                             "with FSDP or DeepSpeed ZeRO-3, which shard it")
+        output_head(self.model)             # a clear error now if there is no LM head
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        _add_hidden_state_forward(policy)
+        if self.ref_model is not None:
+            _add_hidden_state_forward(self.accelerator.unwrap_model(self.ref_model))
 
     # ------------------------------------------------------------------ log-probs
     def _completion_logits(self, model, input_ids, attention_mask, logits_to_keep):
@@ -170,6 +266,29 @@ class HAPOGRPOTrainer(GRPOTrainer):
                         logits_to_keep=keep, use_cache=False)
         return out.logits
 
+    def _completion_hidden(self, model, input_ids, attention_mask, logits_to_keep):
+        """Fused-linear path: ``(hidden [B, K, H], weight [V, H], bias [V] or None)`` for the
+        last ``K = logits_to_keep`` tokens, in the dtype the model's own head would run in.
+
+        ``weight`` is the head's parameter itself (a cast where the dtype differs), so with
+        tied embeddings its gradient lands on the shared parameter like the embedding's.
+        """
+        L = input_ids.size(1)
+        with self.accelerator.autocast():
+            hidden = model(input_ids=input_ids, attention_mask=attention_mask,
+                           hapo_last_hidden_state=True)
+            device = hidden.device.type
+            autocast_dtype = (torch.get_autocast_dtype(device)
+                              if torch.is_autocast_enabled(device) else None)
+        weight, bias = output_head(self.accelerator.unwrap_model(model))
+        # TRL's head runs in float32 with cast_lm_head_to_fp32, else in the autocast dtype.
+        dtype = (torch.float32 if self.args.cast_lm_head_to_fp32
+                 else autocast_dtype or weight.dtype)
+        hidden = hidden[:, L - logits_to_keep - 1:L - 1].to(weight.device, dtype)
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        return hidden, weight, bias
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask,
                                            logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False,
@@ -182,11 +301,19 @@ class HAPOGRPOTrainer(GRPOTrainer):
         for start in range(0, input_ids.size(0), batch_size):
             ids = input_ids[start:start + batch_size]
             am = attention_mask[start:start + batch_size]
-            logits = self._completion_logits(model, ids, am, logits_to_keep)
             targets = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0,
                                                            O.IGNORE_INDEX)
-            lp, ent = hk.selective_log_softmax(logits, targets, temperature=self.temperature,
-                                               return_entropy=True)
+            if self.fused_linear:
+                hidden, weight, bias = self._completion_hidden(model, ids, am, logits_to_keep)
+                with torch.autocast(hidden.device.type, enabled=False):
+                    lp, ent = hk.fused_linear_selective_log_softmax(
+                        hidden, weight, targets, bias=bias, temperature=self.temperature,
+                        return_entropy=True, chunk_size=self.fused_linear_chunk_size)
+            else:
+                logits = self._completion_logits(model, ids, am, logits_to_keep)
+                lp, ent = hk.selective_log_softmax(logits, targets,
+                                                   temperature=self.temperature,
+                                                   return_entropy=True)
             logps.append(lp)
             ents.append(ent)
         return torch.cat(logps), (torch.cat(ents) if compute_entropy else None), None
@@ -216,15 +343,22 @@ class HAPOGRPOTrainer(GRPOTrainer):
         if used:
             raise ValueError(f"HAPOGRPOTrainer is text-only; got model inputs {used}")
 
-        logits = self._completion_logits(model, input_ids, attention_mask, completion_ids.size(1))
         normalizer, max_len, divide_by = self._aggregation(inputs, mode)
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
-        out = hk.fused_hapo_loss(
-            logits, completion_ids, inputs["advantages"], mask=mask,
-            old_logp=inputs.get("old_per_token_logps"), ref_logp=ref,
-            teacher_mask=inputs.get("teacher_mask"), aggregation=self.loss_type,
-            normalizer=normalizer, max_len=max_len, inplace_grad=self._inplace_grad,
-            **self._loss_kwargs)
+        common = dict(mask=mask, old_logp=inputs.get("old_per_token_logps"), ref_logp=ref,
+                      teacher_mask=inputs.get("teacher_mask"), aggregation=self.loss_type,
+                      normalizer=normalizer, max_len=max_len, **self._loss_kwargs)
+        K = completion_ids.size(1)
+        if self.fused_linear:
+            hidden, weight, bias = self._completion_hidden(model, input_ids, attention_mask, K)
+            with torch.autocast(hidden.device.type, enabled=False):
+                out = hk.fused_linear_hapo_loss(
+                    hidden, weight, completion_ids, inputs["advantages"], bias=bias,
+                    chunk_size=self.fused_linear_chunk_size, **common)
+        else:
+            logits = self._completion_logits(model, input_ids, attention_mask, K)
+            out = hk.fused_hapo_loss(logits, completion_ids, inputs["advantages"],
+                                     inplace_grad=self._inplace_grad, **common)
         self._log_loss_metrics(out, inputs, mask, ref, mode)
         return out.loss / divide_by
 

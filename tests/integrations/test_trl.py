@@ -308,3 +308,188 @@ def test_hapo_widens_the_batch_for_a_longer_demonstration(model_dir, tokenizer, 
     assert int(out["num_items_in_batch"]) == len(demo) + 3 * (G - 1)
     # Rewards [1 (teacher), 1, 0, 1]: mean 0.75, std 0.5.
     torch.testing.assert_close(out["advantages"], torch.tensor([0.25, 0.25, -0.75, 0.25]) / 0.5001)
+
+
+# ---------------------------------------------------------------- fused_linear=True
+# The loss and log-probs from the last hidden state and lm_head.weight, never the logits.
+# Chunks of 5 tokens cut across the 7-token completions of the test batch.
+FUSED = dict(fused_linear=True, fused_linear_chunk_size=5)
+
+
+def make_fused_trainer(model_dir, tokenizer, dataset, tmp_path, hapo=None, **overrides):
+    trainer = HAPOGRPOTrainer(model=model_dir, reward_funcs=zero_reward,
+                              args=make_args(tmp_path, **overrides), train_dataset=dataset,
+                              processing_class=tokenizer, hapo=hapo, **FUSED)
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.model.train()
+    return trainer
+
+
+def assert_fused_equals_trl(model_dir, tokenizer, dataset, tmp_path, seed=0, **opts):
+    theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    ours = make_fused_trainer(model_dir, tokenizer, dataset, tmp_path, **opts)
+    assert ours.fused_linear
+    inputs = make_batch(theirs, seed=seed)
+    head_calls = []
+    hook = ours.model.get_output_embeddings().register_forward_hook(
+        lambda *args: head_calls.append(1))
+    try:
+        loss_o, grads_o = loss_and_grads(ours, inputs)
+    finally:
+        hook.remove()
+    assert head_calls == []                  # the LM head module never ran: no logits
+    loss_t, grads_t = loss_and_grads(theirs, inputs)
+    assert math.isfinite(loss_t.item()) and loss_t.abs() > 1e-6
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-7)
+    assert grads_o.keys() == grads_t.keys() and len(grads_t) > 0
+    for name in grads_t:
+        torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+    return ours, theirs
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+def test_fused_linear_loss_and_gradients_equal_trl(model_dir, tokenizer, dataset, tmp_path,
+                                                   loss_type, level):
+    opts = dict(LOSS_OPTIONS, loss_type=loss_type, importance_sampling_level=level)
+    ours, theirs = assert_fused_equals_trl(model_dir, tokenizer, dataset, tmp_path, **opts)
+    for key in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max"):
+        mine, want = ours._metrics["train"][key], theirs._metrics["train"][key]
+        assert len(mine) == len(want) == 1, key
+        assert mine[0] == pytest.approx(want[0], rel=1e-4, abs=1e-6), key
+    assert theirs._metrics["train"]["clip_ratio/region_mean"][0] > 0
+
+
+def test_fused_linear_default_config_equals_trl(model_dir, tokenizer, dataset, tmp_path):
+    """TRL's defaults: dapo with the num_items_in_batch normaliser, no old log-probs."""
+    theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path)
+    ours = make_fused_trainer(model_dir, tokenizer, dataset, tmp_path)
+    inputs = make_batch(theirs, seed=1)
+    del inputs["old_per_token_logps"], inputs["ref_per_token_logps"]
+    inputs["num_items_in_batch"] = inputs["num_items_in_batch"] * 3   # a larger generation batch
+    loss_t, grads_t = loss_and_grads(theirs, inputs)
+    loss_o, grads_o = loss_and_grads(ours, inputs)
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-7)
+    for name in grads_t:
+        torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory, tokenizer):
+    """Like model_dir, with lm_head.weight tied to the input embedding, and a bias-free head."""
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=True,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    path = tmp_path_factory.mktemp("tiny-llama-tied")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "sequence")])
+def test_fused_linear_tied_embeddings_equal_trl(tied_model_dir, tokenizer, dataset, tmp_path,
+                                               loss_type, level):
+    opts = dict(LOSS_OPTIONS, loss_type=loss_type, importance_sampling_level=level)
+    ours, _ = assert_fused_equals_trl(tied_model_dir, tokenizer, dataset, tmp_path, **opts)
+    model = ours.model
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    # The one tied parameter got both gradients: the head's and the embedding lookup's.
+    inputs = make_batch(ours)
+    _, grads = loss_and_grads(ours, inputs)
+    tied = grads["model.embed_tokens.weight"]
+    unused = sorted(set(range(tied.shape[0])) - set(inputs["prompt_ids"].flatten().tolist())
+                    - set(inputs["completion_ids"].flatten().tolist()))
+    assert unused and tied[unused].abs().sum() > 0      # rows only the head touches
+
+
+def test_fused_linear_logps_and_entropies_equal_trl(model_dir, tokenizer, dataset, tmp_path):
+    opts = dict(temperature=0.7, beta=0.04, use_bias_correction_kl=False)   # a reference model
+    theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    ours = make_fused_trainer(model_dir, tokenizer, dataset, tmp_path, **opts)
+    b = make_batch(theirs)
+    ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
+    am = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
+    with torch.no_grad():
+        lp_t, ent_t, _ = theirs._get_per_token_logps_and_entropies(theirs.model, ids, am, 7,
+                                                                    compute_entropy=True)
+        lp_o, ent_o, _ = ours._get_per_token_logps_and_entropies(ours.model, ids, am, 7,
+                                                                  batch_size=3,
+                                                                  compute_entropy=True)
+        lp_ref, _, _ = ours._get_per_token_logps_and_entropies(ours.ref_model, ids, am, 7)
+    torch.testing.assert_close(lp_o, lp_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent_o, ent_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp_ref, lp_t, rtol=1e-5, atol=1e-6)   # same weights at start
+
+
+def test_fused_linear_bf16_autocast_close_to_trl(model_dir, tokenizer, dataset, tmp_path):
+    opts = dict(LOSS_OPTIONS, loss_type="dapo", bf16=True)
+    theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    ours = make_fused_trainer(model_dir, tokenizer, dataset, tmp_path, **opts)
+    inputs = make_batch(theirs)
+    loss_t, grads_t = loss_and_grads(theirs, inputs)
+    loss_o, grads_o = loss_and_grads(ours, inputs)
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-2, atol=1e-4)
+    for name in grads_t:
+        rel = (grads_o[name] - grads_t[name]).norm() / grads_t[name].norm().clamp(min=1e-12)
+        assert rel < 2e-2, (name, rel.item())
+
+
+@pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0),
+                                          ("logit_scale", 0.5)])
+def test_fused_linear_rejects_logit_transforms(model_dir, tokenizer, dataset, tmp_path,
+                                               field, value):
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    setattr(model.config, field, value)
+    with pytest.raises(ValueError, match=f"fused_linear.*{field}"):
+        HAPOGRPOTrainer(model=model, reward_funcs=zero_reward, args=make_args(tmp_path),
+                        train_dataset=dataset, processing_class=tokenizer, fused_linear=True)
+
+
+def test_fused_linear_options(model_dir, tokenizer, dataset, tmp_path):
+    """HAPOConfig(fused_linear=True) turns the path on; bad or conflicting values raise."""
+    trainer = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path,
+                           hapo=HAPOConfig(fused_linear=True, fused_linear_chunk_size=3))
+    assert trainer.fused_linear and trainer.fused_linear_chunk_size == 3
+    assert not make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset,
+                            tmp_path).fused_linear                       # off by default
+    with pytest.raises(ValueError, match="fused_linear_chunk_size"):
+        make_fused_trainer(model_dir, tokenizer, dataset, tmp_path,
+                           hapo=HAPOConfig(fused_linear_chunk_size=7))
+    with pytest.raises(ValueError, match="fused_linear must be a bool"):
+        HAPOGRPOTrainer(model=model_dir, reward_funcs=zero_reward, args=make_args(tmp_path),
+                        train_dataset=dataset, processing_class=tokenizer, fused_linear=1)
+
+
+def test_fused_linear_three_step_training_run_with_hapo(model_dir, tokenizer, dataset,
+                                                        tmp_path, monkeypatch):
+    import hapo_kernels as hk
+
+    calls = {"loss": 0, "logps": 0}
+    for name, key in (("fused_linear_hapo_loss", "loss"),
+                      ("fused_linear_selective_log_softmax", "logps")):
+        def spy(*args, _fn=getattr(hk, name), _key=key, **kwargs):
+            calls[_key] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(hk, name, spy)
+    trainer = make_fused_trainer(model_dir, tokenizer, dataset, tmp_path,
+                                 hapo=HAPOConfig(), max_steps=3, learning_rate=1e-2,
+                                 loss_type="grpo", beta=0.02, use_bias_correction_kl=False,
+                                 num_iterations=2)          # old log-probs on the fused path
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 3 and len(logs) == 3
+    assert calls["loss"] == 3 and calls["logps"] > 0
+    for h in logs:
+        assert math.isfinite(h["loss"])
+        assert 0 < h["hapo/teacher_token_fraction"] < 1
+        assert "clip_ratio/region_mean" in h and "entropy" in h and "kl" in h
+    # A batch is generated (and the gate runs) every num_iterations = 2 steps.
+    rates = [h["hapo/injection_rate"] for h in logs if "hapo/injection_rate" in h]
+    assert rates == [1.0, 1.0]
+    changed = any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert changed
