@@ -11,18 +11,17 @@ into ``hidden``'s and ``weight``'s gradients; the backward only scales by ``grad
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import distributed
 from . import options as O
-from .aggregation import aggregation_weights
 from .cpu import linear as impl
-from .cpu.loss import RowInputs, _write_terms, token_terms
+from .cpu.loss import RowInputs, sequence_level
 from .dispatch import backend_for
-from .loss import PER_TOKEN, _rewards_to_advantages
+from .loss import loss_and_extras, loss_output, per_token_buffers, prepare_rows
 from .outputs import LossOutput
-from .packed import packed_segments, per_token
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -40,9 +39,11 @@ def _ops(tensor):
 
 
 # --------------------------------------------------------------------------- validation
-def check_linear_inputs(hidden, weight, bias, target_ids):
-    """Shapes, dtypes and devices of the head; returns ``V``. Reads no tensor data."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("target_ids", target_ids)):
+def check_linear_inputs(hidden, weight, bias, target_ids, ignore_index):
+    """Shapes, dtypes and devices of the head, then ``target_ids`` against ``hidden``'s rows
+    and ``V`` (``options.check_target_ids``); returns ``V``. Reads only the targets."""
+    O.check_ignore_index(ignore_index)
+    for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dim() not in (2, 3):
@@ -74,19 +75,9 @@ def check_linear_inputs(hidden, weight, bias, target_ids):
             raise ValueError(f"bias is {bias.dtype} but hidden is {hidden.dtype}")
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden on {hidden.device}")
-    if tuple(target_ids.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"target_ids must have shape {tuple(hidden.shape[:-1])} to match "
-                         f"hidden {tuple(hidden.shape)}, got {tuple(target_ids.shape)}")
-    if target_ids.device != hidden.device:
-        raise ValueError(f"target_ids is on {target_ids.device} but hidden on {hidden.device}")
+    O.check_target_ids(target_ids, hidden.shape[:-1], V, hidden.device, ignore_index,
+                       source="hidden", source_shape=hidden.shape)
     return V
-
-
-def _logits_standin(hidden, V):
-    """A ``[..., V]`` view of V elements that stands in for the logits in ``options``' checks
-    (shape, dtype, device, target range): every row aliases one row, no ``[N, V]`` memory."""
-    return torch.empty(V, dtype=hidden.dtype, device=hidden.device).expand(
-        *hidden.shape[:-1], V)
 
 
 def _wants(hidden, weight, bias):
@@ -108,27 +99,25 @@ class FusedLinearHAPOLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, rows: RowInputs, opts: O.LossOptions,
                 chunks: impl.Chunks, wants, fp32_accumulate: bool):
         device, n = hidden.device, hidden.shape[0]
-        out = {k: _empty(n, torch.float32, device) for k in PER_TOKEN}
-        out["clip_low"] = _empty(n, torch.int8, device)
-        out["clip_high"] = _empty(n, torch.int8, device)
-        if rows.ref_logp is None:
-            out["kl"] = None
+        out = per_token_buffers(n, rows.ref_logp is not None, device, _empty)
         grads = impl.Grads(hidden, weight, bias, *wants, fp32_accumulate, _empty)
         loss_ops, logprob_ops = _ops(hidden)
         V = weight.shape[0]
         if opts.importance_sampling == "token" and not chunks.split(V):
             impl.fused_pass(hidden, weight, bias, rows, opts, out, grads, chunks, loss_ops)
         else:
-            _two_pass_loss(hidden, weight, bias, rows, opts, out, grads, chunks, logprob_ops)
+            # Sequence-level ratios couple tokens of different chunks, and vocabulary blocks
+            # need every block's statistics first: ``sequence_level``'s stats pass, [B, T]
+            # objective and gradient pass, the logits made twice (masked rows skipped).
+            targets = torch.where(rows.valid, rows.targets,
+                                  torch.full_like(rows.targets, rows.ignore_index))
+            sequence_level(hidden, dataclasses.replace(rows, targets=targets), opts, out,
+                           grads if grads.any else None,
+                           impl.HeadOps(weight, bias, chunks, logprob_ops))
         # Kept on ctx, not save_for_backward: the backward hands them over and drops its own
         # reference, so autograd can adopt them as .grad without a copy (no second [V, H]).
         ctx.grads = grads.finish()
-        loss = out["loss"].sum(dtype=torch.float64).to(torch.float32)
-        kl = out["kl"] if out["kl"] is not None else _empty(0, torch.float32, device)
-        extras = (out["loss"], out["logp"], out["entropy"], out["ratio"], out["clip_low"],
-                  out["clip_high"], kl)
-        ctx.mark_non_differentiable(*extras)
-        return (loss,) + extras
+        return loss_and_extras(ctx, out, device)
 
     @staticmethod
     @once_differentiable
@@ -140,25 +129,6 @@ class FusedLinearHAPOLoss(torch.autograd.Function):
         if grad_loss is not None and float(grad_loss) != 1.0:
             grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
         return (*grads, None, None, None, None, None)
-
-
-def _two_pass_loss(hidden, weight, bias, x: RowInputs, opts, out, grads, chunks, ops):
-    """Stats of every row, the ``[B, T]`` objective (sequence-level ratios couple tokens of
-    different chunks), then the gradient with the logits made again."""
-    n = hidden.shape[0]
-    targets = torch.where(x.valid, x.targets, torch.full_like(x.targets, x.ignore_index))
-    stats = tuple(torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(4))
-    impl.stats_pass(hidden, weight, bias, targets, opts.temperature, x.ignore_index, chunks,
-                    ops, stats)
-    logp, ent, lse, spz = stats
-    vec, shape = x.seqs(), (x.B, x.T)
-    terms = token_terms(logp.view(shape), ent.view(shape), **vec, opts=opts,
-                        need_grad=grads.any)
-    _write_terms(out, slice(None), vec["valid"], logp.view(shape), ent.view(shape), terms)
-    if grads.any:
-        g_ent = terms["g_ent"].reshape(-1) if opts.entropy_coef != 0 else None
-        impl.grad_pass(hidden, weight, bias, targets, lse, spz, terms["g_logp"].reshape(-1),
-                       g_ent, opts.temperature, x.ignore_index, chunks, ops, grads)
 
 
 def fused_linear_hapo_loss(hidden, weight, target_ids, advantages=None, bias=None,
@@ -197,89 +167,26 @@ def fused_linear_hapo_loss(hidden, weight, target_ids, advantages=None, bias=Non
     make each chunk's logits once; sequence-level ratios (GSPO) or vocabulary blocks make
     them twice (a statistics pass, then the gradient pass).
     """
-    opts = O.parse_loss_options(
-        temperature=temperature, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-        beta=beta, entropy_coef=entropy_coef, importance_sampling=importance_sampling,
+    O.check_bool("inplace_grad", inplace_grad)
+    O.check_bool("fp32_accumulate", fp32_accumulate)
+    V = check_linear_inputs(hidden, weight, bias, target_ids, ignore_index)
+    chunks = impl.plan_chunks(target_ids.numel(), V, hidden.device, hidden.dtype, chunk_size,
+                              vocab_chunk_size)
+    prep = prepare_rows(
+        hidden, target_ids, advantages, source_name="hidden", ignore_index=ignore_index,
+        mask=mask, old_logp=old_logp, ref_logp=ref_logp, teacher_mask=teacher_mask,
+        rewards=rewards, group_size=group_size, scale=scale, stats=stats, eps=eps,
+        inject=inject, teacher_reward=teacher_reward, cu_seqlens=cu_seqlens,
+        process_group=process_group, temperature=temperature,
+        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta,
+        entropy_coef=entropy_coef, importance_sampling=importance_sampling,
         teacher_objective=teacher_objective, teacher_gamma=teacher_gamma,
         sft_weight=sft_weight, aggregation=aggregation, normalizer=normalizer,
         max_len=max_len)
-    for name, flag in (("inplace_grad", inplace_grad), ("fp32_accumulate", fp32_accumulate)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool, got {flag!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    V = check_linear_inputs(hidden, weight, bias, target_ids)
-    standin = _logits_standin(hidden, V)
-    # From here to RowInputs: the same preparation as fused_hapo_loss, on the stand-in.
-    O.check_logits_and_targets(standin, target_ids, ignore_index)
-    segments = packed_segments(standin, target_ids, cu_seqlens)
-    if segments is not None:
-        n_seq = segments.count
-    else:
-        n_seq = target_ids.shape[0] if target_ids.dim() == 2 else 1
-    replaced = None
-    if rewards is not None:
-        if advantages is not None:
-            raise ValueError("pass either advantages or rewards= (with group_size=), not both")
-        advantages, replaced = _rewards_to_advantages(
-            rewards, group_size, inject, teacher_reward, scale, stats, eps,
-            n_seq, hidden.device, process_group)
-    elif group_size is not None or inject is not None:
-        raise ValueError("group_size= and inject= go with rewards=; got advantages instead")
-    hit = None
-    if replaced is not None and inject is not None:
-        # The members SSI replaced (global sequence index p * G + replaced[p]) are teachers.
-        start = 0
-        if process_group is not None:
-            start = distributed.rank_offset(n_seq, hidden.device, process_group)
-        seq = torch.arange(start, start + n_seq, device=hidden.device)
-        hit = replaced[seq // group_size] == seq % group_size
-        if segments is not None:
-            hit = segments.broadcast(hit)
-    t = O.check_loss_tensors(standin, target_ids,
-                             per_token("advantages", advantages, segments),
-                             mask=mask, old_logp=old_logp, ref_logp=ref_logp,
-                             teacher_mask=per_token("teacher_mask", teacher_mask, segments),
-                             ignore_index=ignore_index, opts=opts)
-    B, T = t.targets.shape
-    chunks = impl.plan_chunks(B * T, V, hidden.device, hidden.dtype, chunk_size,
-                              vocab_chunk_size)
-    teacher = t.teacher
-    if hit is not None:
-        teacher = teacher | (hit[:, None] if segments is None else hit.view(B, T))
-    weights = aggregation_weights(t.valid if segments is None else t.valid.reshape(-1), opts,
-                                  segments, process_group)
-
-    def flat(v, dtype=torch.float32):
-        return None if v is None else v.reshape(-1).to(dtype).contiguous()
-
-    rows = RowInputs(B=B, T=T, targets=t.targets.reshape(-1).contiguous(),
-                     ignore_index=int(ignore_index), valid=flat(t.valid, torch.bool),
-                     advantages=flat(t.advantages), old_logp=flat(t.old_logp),
-                     ref_logp=flat(t.ref_logp), teacher=flat(teacher, torch.bool),
-                     weights=flat(weights), segments=segments)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    loss, _, logp, ent, ratio, clip_lo, clip_hi, kl = FusedLinearHAPOLoss.apply(
-        hidden2d, weight, bias, rows, opts, chunks, _wants(hidden, weight, bias),
-        fp32_accumulate)
-
-    m = rows.valid.to(torch.float32)
-    count = m.sum().clamp(min=1.0)
-
-    def mean(v):
-        return (v.to(torch.float32) * m).sum() / count
-
-    return LossOutput(
-        loss=loss,
-        per_token_logp=logp.reshape(t.batch_shape),
-        per_token_entropy=ent.reshape(t.batch_shape),
-        logp=mean(logp), entropy=mean(ent),
-        kl=mean(kl) if rows.ref_logp is not None else None,
-        clip_low=mean(clip_lo), clip_high=mean(clip_hi), ratio=mean(ratio),
-        teacher_fraction=mean(rows.teacher),
-        advantages=advantages.detach() if rewards is not None else None,
-        replaced=replaced,
-    )
+    results = FusedLinearHAPOLoss.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, prep.rows, prep.opts, chunks,
+        _wants(hidden, weight, bias), fp32_accumulate)
+    return loss_output(results, prep)
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -326,11 +233,8 @@ def fused_linear_selective_log_softmax(hidden, weight, target_ids, bias=None, te
     than the materialised path) and holds only one chunk of them. Chunking as in
     ``fused_linear_hapo_loss``.
     """
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     temperature = O.check_temperature(temperature)
-    V = check_linear_inputs(hidden, weight, bias, target_ids)
-    O.check_logits_and_targets(_logits_standin(hidden, V), target_ids, ignore_index)
+    V = check_linear_inputs(hidden, weight, bias, target_ids, ignore_index)
     chunks = impl.plan_chunks(target_ids.numel(), V, hidden.device, hidden.dtype, chunk_size,
                               vocab_chunk_size)
     logp, ent = FusedLinearSelectiveLogSoftmax.apply(

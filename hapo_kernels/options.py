@@ -143,6 +143,43 @@ def parse_loss_options(*, temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=
 
 
 # --------------------------------------------------------------------------- tensor checks
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    return ignore_index
+
+
+def check_target_ids(target_ids, row_shape, V: int, device, ignore_index=IGNORE_INDEX, *,
+                     source: str = "logits", source_shape=None):
+    """Integer ``target_ids`` of ``row_shape`` on ``device`` with ids in ``[0, V)``.
+
+    ``row_shape`` / ``device`` are those of ``source`` (the logits, or the hidden states of a
+    fused LM head, whose ``V`` is the head's) without its last dimension; messages name it.
+    Reads the targets once (a reduction on their device).
+    """
+    if not isinstance(target_ids, torch.Tensor):
+        raise ValueError(f"target_ids must be a torch.Tensor, got {type(target_ids).__name__}")
+    if target_ids.dtype.is_floating_point or target_ids.dtype.is_complex \
+            or target_ids.dtype == torch.bool:
+        raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
+    if tuple(target_ids.shape) != tuple(row_shape):
+        raise ValueError(f"target_ids must have shape {tuple(row_shape)} to match "
+                         f"{source} {tuple(source_shape)}, got {tuple(target_ids.shape)}")
+    if target_ids.device != device:
+        raise ValueError(f"target_ids is on {target_ids.device} but {source} on {device}")
+    valid = target_ids != ignore_index
+    if target_ids.numel() and bool(((target_ids < 0) | (target_ids >= V))[valid].any()):
+        bad = target_ids[valid & ((target_ids < 0) | (target_ids >= V))][0].item()
+        raise ValueError(f"target_ids holds {bad}, outside [0, {V}) (ignore_index="
+                         f"{ignore_index} marks positions to skip)")
+
+
 def check_logits_and_targets(logits: torch.Tensor, target_ids: torch.Tensor,
                              ignore_index: int = IGNORE_INDEX, *, dtypes=LOGIT_DTYPES,
                              vocab_size=None):
@@ -155,46 +192,33 @@ def check_logits_and_targets(logits: torch.Tensor, target_ids: torch.Tensor,
     """
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not isinstance(target_ids, torch.Tensor):
-        raise ValueError(f"target_ids must be a torch.Tensor, got {type(target_ids).__name__}")
     if logits.dim() not in (2, 3):
         raise ValueError("logits must be [B, T, V] or packed [N, V] (a vocabulary dimension "
                          f"last), got shape {tuple(logits.shape)}")
     if logits.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise ValueError(f"logits must be one of {names}; got {logits.dtype}")
-    if target_ids.dtype.is_floating_point or target_ids.dtype.is_complex \
-            or target_ids.dtype == torch.bool:
-        raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
-    if tuple(target_ids.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"target_ids must have shape {tuple(logits.shape[:-1])} to match "
-                         f"logits {tuple(logits.shape)}, got {tuple(target_ids.shape)}")
-    if target_ids.device != logits.device:
-        raise ValueError(f"target_ids is on {target_ids.device} but logits on {logits.device}")
     V = logits.shape[-1]
     if V < 1:
         raise ValueError("logits has an empty vocabulary dimension (V = 0)")
     if logits.stride(-1) != 1:
         raise ValueError("logits must be contiguous in the vocabulary dimension (stride 1); "
                          "call .contiguous() on the tensor first")
-    valid = target_ids != ignore_index
     V = V if vocab_size is None else vocab_size
-    if target_ids.numel() and bool(((target_ids < 0) | (target_ids >= V))[valid].any()):
-        bad = target_ids[valid & ((target_ids < 0) | (target_ids >= V))][0].item()
-        raise ValueError(f"target_ids holds {bad}, outside [0, {V}) (ignore_index="
-                         f"{ignore_index} marks positions to skip)")
+    check_target_ids(target_ids, logits.shape[:-1], V, logits.device, ignore_index,
+                     source_shape=logits.shape)
     return target_ids.numel(), V, tuple(target_ids.shape)
 
 
 def check_like(name: str, tensor, shape, device, *, allow_per_seq: bool = False,
-               floating: bool = True):
+               floating: bool = True, source: str = "logits"):
     """A per-token tensor (or per-sequence where allowed) of the right shape and device."""
     if tensor is None:
         return None
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but logits on {device}")
+        raise ValueError(f"{name} is on {tensor.device} but {source} on {device}")
     ok = tuple(tensor.shape) == tuple(shape)
     if allow_per_seq and len(shape) == 2:
         ok = ok or tuple(tensor.shape) == (shape[0],)
@@ -230,9 +254,21 @@ def check_loss_tensors(logits, target_ids, advantages, *, mask=None, old_logp=No
     """Validate every tensor input of the loss before any kernel runs (DESIGN section 9)."""
     check_logits_and_targets(logits, target_ids, ignore_index, dtypes=dtypes,
                              vocab_size=vocab_size)
+    return check_token_tensors(target_ids, advantages, mask=mask, old_logp=old_logp,
+                               ref_logp=ref_logp, teacher_mask=teacher_mask,
+                               ignore_index=ignore_index, opts=opts, device=logits.device)
+
+
+def check_token_tensors(target_ids, advantages, *, mask=None, old_logp=None, ref_logp=None,
+                        teacher_mask=None, ignore_index=IGNORE_INDEX, opts: LossOptions,
+                        device, source: str = "logits") -> LossTensors:
+    """``check_loss_tensors`` past the logits: the per-token inputs beside ``target_ids``.
+
+    ``target_ids`` must already be checked against ``source`` (``check_logits_and_targets``,
+    or the fused LM head's check of its hidden states); ``device`` is ``source``'s.
+    """
     batch_shape = tuple(target_ids.shape)
     shape2d = batch_shape if len(batch_shape) == 2 else (1, batch_shape[0])
-    dev = logits.device
 
     def as2d(name, t, per_seq_ok, floating=True):
         if t is None:
@@ -245,7 +281,8 @@ def check_loss_tensors(logits, target_ids, advantages, *, mask=None, old_logp=No
                 t = t.reshape(shape2d)
             elif per_seq_ok and tuple(t.shape) in ((1,), ()):
                 t = t.reshape(1)
-        t = check_like(name, t, shape2d, dev, allow_per_seq=per_seq_ok, floating=floating)
+        t = check_like(name, t, shape2d, device, allow_per_seq=per_seq_ok, floating=floating,
+                       source=source)
         return t
 
     if advantages is None:
@@ -265,7 +302,7 @@ def check_loss_tensors(logits, target_ids, advantages, *, mask=None, old_logp=No
         else:
             valid = valid & m.bool()
     if teacher_mask is None:
-        teacher = torch.zeros(shape2d, dtype=torch.bool, device=dev)
+        teacher = torch.zeros(shape2d, dtype=torch.bool, device=device)
     else:
         t = as2d("teacher_mask", teacher_mask, True, floating=False)
         t = t.bool() if not t.dtype.is_floating_point else t != 0

@@ -14,7 +14,9 @@ Three drivers, all over token chunks:
   loss kernel writes loss and gradient in one sweep, then the two gradient matmuls.
 * ``stats_pass`` then ``grad_pass``: everything else (sequence-level ratios, which couple a
   sequence's tokens across chunks; vocabulary blocks; the selective log-softmax, whose
-  backward only knows its upstream gradients later). Logits are made twice.
+  backward only knows its upstream gradients later). Logits are made twice. For the loss,
+  ``HeadOps`` wraps the two as a logprobs module's ``row_stats`` / ``grad_logits``, so that
+  ``cpu.loss.sequence_level`` (the same objective step as on logits) drives them.
 """
 from __future__ import annotations
 
@@ -223,6 +225,27 @@ def stats_pass(hidden, weight, bias, targets, temperature, ignore_index, chunks:
         log_s = s.log()
         for o, val in zip(dst, (z_y - m - log_s, log_s - w / s, m + log_s, m + w / s)):
             o.copy_(torch.where(valid, val, 0.0))
+
+
+class HeadOps:
+    """A backend's logprobs ``ops`` (``row_stats`` / ``grad_logits``) over the logits
+    ``hidden @ weight.T + bias``, made chunk by chunk: ``cpu.loss.sequence_level`` runs on it
+    unchanged, given the hidden states for the logits and a ``Grads`` for their gradient."""
+
+    def __init__(self, weight, bias, chunks: Chunks, ops):
+        self.weight, self.bias, self.chunks, self.ops = weight, bias, chunks, ops
+
+    def row_stats(self, hidden, targets, temperature, ignore_index, *, out):
+        stats_pass(hidden, self.weight, self.bias, targets, temperature, ignore_index,
+                   self.chunks, self.ops, out)
+        return out
+
+    def grad_logits(self, hidden, targets, lse, spz, g_logp, g_ent, temperature, ignore_index,
+                    *, out: Grads):
+        def flat(t):
+            return None if t is None else t.reshape(-1)
+        grad_pass(hidden, self.weight, self.bias, targets, lse, spz, flat(g_logp), flat(g_ent),
+                  temperature, ignore_index, self.chunks, self.ops, out)
 
 
 def _block_grad(z, y, valid, v0, lse, spz, gl, ge, inv_t):
