@@ -26,8 +26,10 @@ import torch
 
 from ..layout import row_layout, rows_2d
 
-# Size of one float32 [chunk, V] temporary.
-CHUNK_BYTES = 16 << 20
+# Size of one float32 [chunk, V] temporary; a chunk keeps about five alive (the input
+# chunk in float32, d, e^d, a product inside vecdot, the gradient chunk), so 8 MiB holds
+# the loss path near 40 MiB beyond its gradient, and the chunk in L2/L3 for the gradient.
+CHUNK_BYTES = 8 << 20
 
 
 def chunk_rows(V: int) -> int:
@@ -97,7 +99,7 @@ def _targets(target_ids: torch.Tensor, ignore_index: int, V: int):
 NEG_LOG_P = -1e30
 
 
-def chunk_stats(z: torch.Tensor, owned: bool, y: torch.Tensor):
+def chunk_stats(z: torch.Tensor, owned: bool, y: torch.Tensor, *, for_grad: bool = True):
     """``(lp, p, lse, ent, logp)`` of a float32 ``[c, V]`` chunk (``[c, 1]`` but lp, p).
 
     Kept relative to the row max ``m``: ``d = z - m``, ``s = sum e^d``, ``w = sum e^d d``,
@@ -105,7 +107,8 @@ def chunk_stats(z: torch.Tensor, owned: bool, y: torch.Tensor):
     ``p * z`` without cancelling two large numbers). ``lp = d - log s`` (log p) and
     ``p = e^d / s`` are returned for the gradient, in the two temporaries. A ``-inf``
     logit (masked vocabulary) adds nothing; a NaN, ``+inf`` or all ``-inf`` row gives NaN.
-    ``owned``: ``z`` may be overwritten.
+    ``owned``: ``z`` may be overwritten. ``for_grad=False`` skips finishing ``lp`` and
+    ``p`` (two passes a statistics-only caller does not need; they come back as ``None``).
     """
     m = z.amax(dim=-1, keepdim=True)
     d = z.sub_(m) if owned else z - m
@@ -120,6 +123,8 @@ def chunk_stats(z: torch.Tensor, owned: bool, y: torch.Tensor):
     log_s = s.log()
     logp = d.gather(1, y[:, None]) - log_s
     ent = log_s - w / s
+    if not for_grad:
+        return None, None, m + log_s, ent, logp
     return d.sub_(log_s), e.div_(s), m + log_s, ent, logp
 
 
@@ -160,7 +165,7 @@ def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=Non
     inv_t = 1.0 / float(temperature)
     for r0, r1 in row_ranges(logits, chunk_rows(V)):
         _, _, lse, ent, logp = chunk_stats(*scaled_rows(row_view(logits, r0, r1), inv_t),
-                                           safe[r0:r1])
+                                           safe[r0:r1], for_grad=False)
         v = valid[r0:r1]
         for buf, value in zip(out, (logp, ent, lse, lse - ent)):
             buf[r0:r1] = torch.where(v, value.view(-1), 0.0)

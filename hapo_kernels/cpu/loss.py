@@ -106,7 +106,8 @@ def token_level(logits: torch.Tensor, x: RowInputs, opts: LossOptions, out: dict
         sl = slice(r0, r1)
         vec = x.rows(sl)
         z, owned = logprobs.scaled_rows(logprobs.row_view(logits, r0, r1), inv_t)
-        lp, p, _, ent, logp = logprobs.chunk_stats(z, owned, safe[sl])
+        lp, p, _, ent, logp = logprobs.chunk_stats(z, owned, safe[sl],
+                                                   for_grad=grad is not None)
         del z                                 # the chunk copy: now lp, in place
         terms = token_terms(logp.view(-1), ent.view(-1), **vec, opts=opts,
                             need_grad=grad is not None)
