@@ -46,17 +46,17 @@ class HAPOConfig:
     scale: str = "group"
     stats: str = "all"
     adv_eps: float = O.ADVANTAGE_EPS
-    # --- loss (DESIGN sections 4-5)
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: Optional[float] = None
-    beta: float = 0.0
-    entropy_coef: float = 0.0
-    importance_sampling: str = "token"
-    teacher_objective: str = "shaped"
-    teacher_gamma: float = O.TEACHER_GAMMA
-    sft_weight: float = 1.0
-    aggregation: str = "token-mean"
+    # --- loss (DESIGN sections 4-5): the defaults are hapo_kernels' own (one source)
+    eps_low: float = O.LossOptions.eps_low
+    eps_high: float = O.LossOptions.eps_high
+    dual_clip: Optional[float] = O.LossOptions.dual_clip
+    beta: float = O.LossOptions.beta
+    entropy_coef: float = O.LossOptions.entropy_coef
+    importance_sampling: str = O.LossOptions.importance_sampling
+    teacher_objective: str = O.LossOptions.teacher_objective
+    teacher_gamma: float = O.LossOptions.teacher_gamma
+    sft_weight: float = O.LossOptions.sft_weight
+    aggregation: str = O.LossOptions.aggregation
     # --- optimisation
     ppo_epochs: int = 1                 # optimizer steps per batch of rollouts
     micro_batch_size: Optional[int] = None   # sequences per forward/backward (None: all)

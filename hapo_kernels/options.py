@@ -163,6 +163,7 @@ def check_target_ids(target_ids, row_shape, V: int, device, ignore_index=IGNORE_
     fused LM head, whose ``V`` is the head's) without its last dimension; messages name it.
     Reads the targets once (a reduction on their device).
     """
+    check_ignore_index(ignore_index)
     if not isinstance(target_ids, torch.Tensor):
         raise ValueError(f"target_ids must be a torch.Tensor, got {type(target_ids).__name__}")
     if target_ids.dtype.is_floating_point or target_ids.dtype.is_complex \
