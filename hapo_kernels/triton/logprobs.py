@@ -48,6 +48,21 @@ def online_lse_block(m, s, w, z):
 
 
 @triton.jit
+def row_logsumexp(x_row, n_cols, V, inv_temp, BLOCK_V: tl.constexpr):
+    """``(m, s, w)`` of the first ``n_cols`` scaled logits of a row (``online_lse_block``):
+    one read of the row in ``BLOCK_V`` blocks. ``n_cols = 0`` skips the row (ignored)."""
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    w = tl.zeros((), tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        idx = start + cols
+        z = tl.load(x_row + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+        m, s, w = online_lse_block(m, s, w, z * inv_temp)
+    return m, s, w
+
+
+@triton.jit
 def _row_stats_kernel(x_ptr, y_ptr, logp_ptr, ent_ptr, lse_ptr, spz_ptr,
                       T, V, stride_b, stride_t, inv_temp, ignore_index,
                       BLOCK_V: tl.constexpr):
@@ -57,19 +72,7 @@ def _row_stats_kernel(x_ptr, y_ptr, logp_ptr, ent_ptr, lse_ptr, spz_ptr,
     valid = y != ignore_index
     # An ignored row is not scanned: its loop runs over zero columns.
     n_cols = tl.where(valid, V, 0)
-    cols = tl.arange(0, BLOCK_V)
-
-    # Online logsumexp, kept relative to the running max m:
-    #   s = sum exp(z - m),  w = sum exp(z - m) * (z - m)
-    # so that entropy = log s - w / s never subtracts two large numbers.
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    w = tl.zeros((), tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
-        idx = start + cols
-        z = tl.load(x_row + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-        z = z * inv_temp
-        m, s, w = online_lse_block(m, s, w, z)
+    m, s, w = row_logsumexp(x_row, n_cols, V, inv_temp, BLOCK_V)
 
     s = tl.where(valid, s, 1.0)         # ignored rows: no 0/0, outputs are zeroed below
     log_s = tl.log(s)

@@ -26,7 +26,7 @@ from ..cpu.loss import RowInputs, sequence_level
 from ..layout import row_layout
 from ..options import LossOptions
 from . import logprobs
-from .logprobs import online_lse_block
+from .logprobs import row_logsumexp
 from .rows import row_offset
 
 MAX_BLOCK_V = 4096
@@ -89,16 +89,9 @@ def _hapo_loss_kernel(
     n_read = tl.where(valid, V, 0)                 # an invalid row is never read
     cols = tl.arange(0, BLOCK_V)
 
-    # ---- pass 1: online logsumexp relative to the running max m:
+    # ---- pass 1: online logsumexp relative to the running max m (triton/logprobs.py):
     #   s = sum exp(z - m),  w = sum exp(z - m) * (z - m);  entropy = log s - w / s.
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    w = tl.zeros((), tl.float32)
-    for start in range(0, V, BLOCK_V):
-        idx = start + cols
-        z = tl.load(x_row + idx, mask=idx < n_read, other=float("-inf")).to(tl.float32)
-        z = z * inv_temp
-        m, s, w = online_lse_block(m, s, w, z)
+    m, s, w = row_logsumexp(x_row, n_read, V, inv_temp, BLOCK_V)
     log_s = tl.log(s)
     z_y = tl.load(x_row + y, mask=valid, other=0.0).to(tl.float32) * inv_temp
     logp = tl.where(valid, (z_y - m) - log_s, 0.0)
