@@ -33,9 +33,13 @@ class SelectiveLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target_ids, temperature, ignore_index, backend):
+    def forward(ctx, logits, target_ids, temperature, ignore_index, backend,
+                need_entropy=True):
         impl = _impl(backend)
-        logp, ent, lse, spz = impl.row_stats(logits, target_ids, temperature, ignore_index)
+        # Without the entropy output (need_entropy=False) its gradient is never asked for.
+        kw = {} if need_entropy else {"need_entropy": False}
+        logp, ent, lse, spz = impl.row_stats(logits, target_ids, temperature, ignore_index,
+                                             **kw)
         ctx.save_for_backward(logits, target_ids, lse, spz)
         ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
         ctx.set_materialize_grads(False)
@@ -47,10 +51,10 @@ class SelectiveLogSoftmax(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         logits, target_ids, lse, spz = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         grad = _impl(ctx.backend).grad_logits(logits, target_ids, lse, spz, g_logp, g_ent,
                                              ctx.temperature, ctx.ignore_index)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def selective_log_softmax(logits, target_ids, temperature=1.0, ignore_index=O.IGNORE_INDEX,
@@ -83,5 +87,5 @@ def selective_log_softmax(logits, target_ids, temperature=1.0, ignore_index=O.IG
         from .distributed import VocabParallelOps
         backend = VocabParallelOps(_impl(backend), shard)
     logp, ent = SelectiveLogSoftmax.apply(logits, target_ids, temperature, ignore_index,
-                                          backend)
+                                          backend, return_entropy or shard is not None)
     return (logp, ent) if return_entropy else logp

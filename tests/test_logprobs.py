@@ -389,3 +389,26 @@ def test_property_random_shapes(backend, B, T, V, dtype, temperature, scale, ign
     # fp32 rounding of z = x / T grows with |z|: scale the tolerance by the logit range.
     z_max = float(logits.float().abs().max()) / temperature
     check(logits, targets, temperature, tol_scale=max(1.0, z_max / 10))
+
+
+# ------------------------------------------------------------------ log-probs only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_logp_only_matches_reference(backend, dtype, temperature):
+    """``return_entropy=False`` (the CPU path's one-``logsumexp`` route): values and the
+    gradient, on a strided view with ignored rows."""
+    B, T, V = 3, 6, 1031
+    base = make_logits((B, T + 1, V), dtype)
+    targets = make_targets((B, T), V, ignore_frac=0.2)
+    g_logp = torch.randn(B, T, dtype=torch.float64)
+    x64 = base[:, :-1].detach().double().requires_grad_()
+    ref, _ = R.log_probs(x64, targets, temperature)
+    (ref * g_logp).sum().backward()
+    leaf = base.detach().clone().requires_grad_()
+    logp = hk.selective_log_softmax(leaf[:, :-1], targets, temperature)
+    (logp * g_logp.float()).sum().backward()
+    assert logp.dtype == torch.float32 and logp.shape == targets.shape
+    torch.testing.assert_close(logp.detach().double(), ref.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(leaf.grad[:, :-1].double(), x64.grad,
+                               rtol=GRAD_RTOL[dtype], atol=GRAD_ATOL[dtype])
+    assert torch.all(leaf.grad[:, -1] == 0)

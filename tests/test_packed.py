@@ -155,8 +155,8 @@ def test_selective_log_softmax_packed(backend):
     ref, ref_ent = R.log_probs(b["logits"], b["targets"])
     torch.testing.assert_close(logp.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-6)
-    plain = hk.selective_log_softmax(b["logits"], b["targets"])
-    assert torch.equal(logp.detach(), plain)
+    plain, plain_ent = hk.selective_log_softmax(b["logits"], b["targets"], return_entropy=True)
+    assert torch.equal(logp.detach(), plain) and torch.equal(ent.detach(), plain_ent)
 
 
 def test_group_advantages_accepts_cu_seqlens():

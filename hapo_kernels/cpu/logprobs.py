@@ -151,11 +151,14 @@ def chunk_grad(lp, p, ent, a, b, y, held, valid, dst):
 
 
 # --------------------------------------------------------------------------- public internals
-def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=None):
+def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=None,
+              need_entropy=True):
     """float32 ``(logp, entropy, lse, sum_pz)`` per row (``[target_ids.numel()]`` each).
 
     All four are 0 on ignored rows (the Triton kernel skips reading those rows). ``out``:
-    optional tuple of four float32 ``[rows]`` buffers to write into.
+    optional tuple of four float32 ``[rows]`` buffers to write into. ``need_entropy=False``
+    (log-probs only, as TRL's ``selective_log_softmax``): one fused ``logsumexp`` per chunk;
+    ``entropy`` is then 0 and ``sum_pz`` is ``lse`` (no entropy gradient can be asked for).
     """
     rows, V = target_ids.numel(), logits.shape[-1]
     if out is None:
@@ -164,8 +167,12 @@ def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=Non
     safe, _, valid = _targets(target_ids, ignore_index, V)
     inv_t = 1.0 / float(temperature)
     for r0, r1 in row_ranges(logits, chunk_rows(V)):
-        _, _, lse, ent, logp = chunk_stats(*scaled_rows(row_view(logits, r0, r1), inv_t),
-                                           safe[r0:r1], for_grad=False)
+        z, owned = scaled_rows(row_view(logits, r0, r1), inv_t)
+        if need_entropy:
+            _, _, lse, ent, logp = chunk_stats(z, owned, safe[r0:r1], for_grad=False)
+        else:
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            logp, ent = z.gather(1, safe[r0:r1, None]) - lse, torch.zeros_like(lse)
         v = valid[r0:r1]
         for buf, value in zip(out, (logp, ent, lse, lse - ent)):
             buf[r0:r1] = torch.where(v, value.view(-1), 0.0)

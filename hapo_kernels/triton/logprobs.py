@@ -131,10 +131,13 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=None):
+def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=None,
+              need_entropy=True):
     """float32 ``(logp, entropy, lse, sum_pz)`` per row; all four are 0 on ignored rows.
 
     ``out``: optional tuple of four float32 contiguous ``[rows]`` buffers to write into.
+    ``need_entropy`` is accepted for the CPU path's sake: on a GPU the entropy rides along
+    with the one read of the row at no cost in memory traffic.
     """
     rows = target_ids.numel()
     if out is None:
