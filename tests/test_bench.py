@@ -115,3 +115,11 @@ def test_liger_baseline_matches_the_reference(op):
     res = O.check(op, "Liger", O._liger(op, device), torch.float32, device, B=2, T=5, V=257,
                   kind="baseline")
     assert res.ok, (res.errors, res.note)
+
+
+def test_compare_loss_runs_on_tiny_shapes():
+    from bench.compare_loss import NAMES, compare
+    rows = compare("loss_token", 2, 3, 67, repeats=1)
+    assert [r["implementation"] for r in rows] == list(NAMES)
+    assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    assert rows[0]["mem_ratio"] == 1.0
