@@ -11,13 +11,8 @@ from hapo.demo.experiment import (METHODS, Settings, format_table, run_one, step
 from hapo.demo.task import BOS, SEP, ReverseTask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models run fastest on one thread (and do not fight other processes for cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models run fastest on one thread (and do not fight other processes for cores).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(prompts_per_step=2, group_size=2, d_model=16, eval_prompts=4, eval_samples=2)

@@ -13,13 +13,8 @@ from hapo.demo.task import ReverseTask
 TASK = ReverseTask(length=3, digits=5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models run fastest on one thread (and do not fight other processes for cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models run fastest on one thread (and do not fight other processes for cores).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(config=None, policy=None, lr=1e-2, demos="task", **cfg):

@@ -36,17 +36,22 @@ def tokenizer():
                                    unk_token="<unk>")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
+def save_tiny_llama(tmp_path_factory, tokenizer, *, seed, tied):
+    """A 2-layer Llama with random weights and the tokenizer, saved to a fresh folder."""
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=False,
+                         max_position_embeddings=64, tie_word_embeddings=tied,
                          pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    path = tmp_path_factory.mktemp("tiny-llama")
+    path = tmp_path_factory.mktemp("tiny-llama-tied" if tied else "tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    return save_tiny_llama(tmp_path_factory, tokenizer, seed=0, tied=False)
 
 
 @pytest.fixture(scope="module")
@@ -379,15 +384,7 @@ def test_fused_linear_default_config_equals_trl(model_dir, tokenizer, dataset, t
 @pytest.fixture(scope="module")
 def tied_model_dir(tmp_path_factory, tokenizer):
     """Like model_dir, with lm_head.weight tied to the input embedding, and a bias-free head."""
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=True,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    path = tmp_path_factory.mktemp("tiny-llama-tied")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory, tokenizer, seed=1, tied=True)
 
 
 @pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "sequence")])
