@@ -43,7 +43,8 @@ def compare(level: str, B: int, T: int, V: int, repeats: int) -> list:
         rows.append(dict(level=level, implementation=n, median_ms=1e3 * t,
                          min_ms=1e3 * min(times[n]), max_ms=1e3 * max(times[n]),
                          speedup=eager_t / t, peak_mib=max(mem[n]),
-                         mem_ratio=max(mem[n]) / eager_m))
+                         # None where eager's peak is below what RSS resolves (tiny shapes)
+                         mem_ratio=max(mem[n]) / eager_m if eager_m > 0 else None))
     return rows
 
 
@@ -63,7 +64,8 @@ def main(argv=None):
             print(f"| {'token' if level == 'loss_token' else 'sequence'} | "
                   f"{r['implementation']} | {r['median_ms']:.0f} ({r['min_ms']:.0f}-"
                   f"{r['max_ms']:.0f}) | {r['speedup']:.2f} | {r['peak_mib']:.0f} | "
-                  f"{r['mem_ratio']:.3f} |", flush=True)
+                  f"{'n/a' if r['mem_ratio'] is None else format(r['mem_ratio'], '.3f')} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -122,4 +122,5 @@ def test_compare_loss_runs_on_tiny_shapes():
     rows = compare("loss_token", 2, 3, 67, repeats=1)
     assert [r["implementation"] for r in rows] == list(NAMES)
     assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in rows)
-    assert rows[0]["mem_ratio"] == 1.0
+    assert rows[0]["mem_ratio"] in (1.0, None)      # None: eager's peak below RSS resolution
+    assert all(r["peak_mib"] >= 0 for r in rows)
