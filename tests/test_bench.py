@@ -110,7 +110,7 @@ def test_big_logits_spot_check_path_runs_on_small_shapes():
 @pytest.mark.parametrize("op", ["sls_nograd", "loss_token", "loss_seq"])
 def test_liger_baseline_matches_the_reference(op):
     """The Liger wrapper (run through Triton's interpreter here, on CUDA in the sweep)."""
-    pytest.importorskip("liger_kernel")
+    import liger_kernel  # noqa: F401  (the dev extra installs it: a missing one must fail)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res = O.check(op, "Liger", O._liger(op, device), torch.float32, device, B=2, T=5, V=257,
                   kind="baseline")

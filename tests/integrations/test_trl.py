@@ -160,10 +160,9 @@ def test_default_config_equals_trl(model_dir, tokenizer, dataset, tmp_path):
         torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-4, atol=1e-6)
 
 
-def test_logps_and_entropies_equal_trl(model_dir, tokenizer, dataset, tmp_path):
-    opts = dict(temperature=0.7)
-    theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
-    ours = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+def assert_logps_and_entropies_equal(theirs, ours):
+    """Per-token log-probs and entropies of one batch, ours against TRL's; returns the
+    inputs and TRL's log-probs for further checks."""
     b = make_batch(theirs)
     ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
     am = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
@@ -175,6 +174,14 @@ def test_logps_and_entropies_equal_trl(model_dir, tokenizer, dataset, tmp_path):
                                                                   compute_entropy=True)
     torch.testing.assert_close(lp_o, lp_t, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ent_o, ent_t, rtol=1e-5, atol=1e-6)
+    return ids, am, lp_t
+
+
+def test_logps_and_entropies_equal_trl(model_dir, tokenizer, dataset, tmp_path):
+    opts = dict(temperature=0.7)
+    theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    ours = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
+    assert_logps_and_entropies_equal(theirs, ours)
 
 
 @pytest.mark.parametrize("overrides, word", [
@@ -407,18 +414,9 @@ def test_fused_linear_logps_and_entropies_equal_trl(model_dir, tokenizer, datase
     opts = dict(temperature=0.7, beta=0.04, use_bias_correction_kl=False)   # a reference model
     theirs = make_trainer(GRPOTrainer, model_dir, tokenizer, dataset, tmp_path, **opts)
     ours = make_fused_trainer(model_dir, tokenizer, dataset, tmp_path, **opts)
-    b = make_batch(theirs)
-    ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
-    am = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
+    ids, am, lp_t = assert_logps_and_entropies_equal(theirs, ours)
     with torch.no_grad():
-        lp_t, ent_t, _ = theirs._get_per_token_logps_and_entropies(theirs.model, ids, am, 7,
-                                                                    compute_entropy=True)
-        lp_o, ent_o, _ = ours._get_per_token_logps_and_entropies(ours.model, ids, am, 7,
-                                                                  batch_size=3,
-                                                                  compute_entropy=True)
         lp_ref, _, _ = ours._get_per_token_logps_and_entropies(ours.ref_model, ids, am, 7)
-    torch.testing.assert_close(lp_o, lp_t, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ent_o, ent_t, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lp_ref, lp_t, rtol=1e-5, atol=1e-6)   # same weights at start
 
 
