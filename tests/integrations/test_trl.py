@@ -123,6 +123,16 @@ LOSS_OPTIONS = dict(beta=0.04, use_bias_correction_kl=False, epsilon=0.2, epsilo
                     delta=1.6, temperature=0.7)
 
 
+def assert_equal_to_trl(loss_o, grads_o, loss_t, grads_t):
+    """Our loss and every parameter gradient against TRL's (a non-trivial loss)."""
+    assert math.isfinite(loss_t.item()) and loss_t.abs() > 1e-6
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-7)
+    assert grads_o.keys() == grads_t.keys() and len(grads_t) > 0
+    for name in grads_t:
+        torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
 def test_loss_and_gradients_equal_trl(model_dir, tokenizer, dataset, tmp_path, loss_type, level):
@@ -132,12 +142,7 @@ def test_loss_and_gradients_equal_trl(model_dir, tokenizer, dataset, tmp_path, l
     inputs = make_batch(theirs)
     loss_t, grads_t = loss_and_grads(theirs, inputs)
     loss_o, grads_o = loss_and_grads(ours, inputs)
-    assert math.isfinite(loss_t.item()) and loss_t.abs() > 1e-6
-    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-7)
-    assert grads_o.keys() == grads_t.keys() and len(grads_t) > 0
-    for name in grads_t:
-        torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
+    assert_equal_to_trl(loss_o, grads_o, loss_t, grads_t)
     # The logged loss metrics carry TRL's names and values.
     for key in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
                 "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max"):
@@ -351,12 +356,7 @@ def assert_fused_equals_trl(model_dir, tokenizer, dataset, tmp_path, seed=0, **o
         hook.remove()
     assert head_calls == []                  # the LM head module never ran: no logits
     loss_t, grads_t = loss_and_grads(theirs, inputs)
-    assert math.isfinite(loss_t.item()) and loss_t.abs() > 1e-6
-    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-7)
-    assert grads_o.keys() == grads_t.keys() and len(grads_t) > 0
-    for name in grads_t:
-        torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
+    assert_equal_to_trl(loss_o, grads_o, loss_t, grads_t)
     return ours, theirs
 
 
