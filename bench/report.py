@@ -8,7 +8,7 @@ from typing import Iterable, List
 
 MiB = 1 << 20
 COLORS = {"eager (TRL)": "C0", "torch.compile": "C1", "Liger": "C2", "ours": "C3",
-          "ours inplace_grad": "C4"}
+          "ours inplace_grad": "C4", "ours persistent": "C5"}
 
 
 def _fmt(x, spec, missing="n/a"):
@@ -59,9 +59,12 @@ def short_table(rows: List[dict]) -> str:
         inpl = impls.get("ours inplace_grad")
         line.append("" if inpl is None or inpl.get("peak_extra_bytes") is None else
                     f"{100 * inpl['peak_extra_bytes'] / max(inpl['logits_bytes'], 1):.1f}")
+        pers = impls.get("ours persistent")      # the launch-grid variant, where it ran
+        line.append("" if pers is None or pers.get("median_ms") is None else
+                    f"{pers['median_ms']:.3f} ({_fmt(pers.get('pct_copy_bw'), '.0f')}%)")
         out.append(line)
     head = ["op", "shape", "ours ms", "% copy BW", "x vs eager", "x vs compile", "x vs Liger",
-            "inplace extra mem % of logits"]
+            "inplace extra mem % of logits", "persistent grid ms (% BW)"]
     return tabulate(out, headers=head, tablefmt="github", disable_numparse=True)
 
 

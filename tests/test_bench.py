@@ -117,6 +117,23 @@ def test_liger_baseline_matches_the_reference(op):
     assert res.ok, (res.errors, res.note)
 
 
+@pytest.mark.kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_persistent_grid_row_matches_the_reference(dtype):
+    """The sweep's persistent-grid row (GPU tuning) computes the same loss and gradient."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    impl = {i.name: i for i in O.implementations("loss_token")}[O.PERSISTENT]
+    res = O.check("loss_token", impl.name, impl.build(device), dtype, device, B=2, T=5, V=257,
+                  kind=impl.kind)
+    assert res.ok, (res.errors, res.note)
+
+
+def test_no_persistent_grid_row_on_the_cpu_path(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert O.PERSISTENT not in [i.name for i in O.implementations("loss_token")]
+
+
 def test_compare_loss_runs_on_tiny_shapes():
     from bench.compare_loss import NAMES, compare
     rows = compare("loss_token", 2, 3, 67, repeats=1)

@@ -89,6 +89,22 @@ def test_more_rows_than_grid_limit():
     _check(x, y, adv, {}, xg.grad, out, dict(entropy_coef=0.01), torch.float32)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_persistent_grid_large_vocab_bf16(k):
+    """Programs looping over rows (triton/rows.py): bit-identical to one program per row."""
+    from hapo_kernels.triton.rows import persistent_rows
+    _, x, y, adv, kw = _inputs(4, 200, 151936, torch.bfloat16, seed=3)
+    xg = x.clone().requires_grad_()
+    out = hk.fused_hapo_loss(xg, y, adv, **kw, beta=0.04, entropy_coef=0.01)
+    out.loss.backward()
+    xp = x.clone().requires_grad_()
+    with persistent_rows(k):
+        out_p = hk.fused_hapo_loss(xp, y, adv, **kw, beta=0.04, entropy_coef=0.01)
+    out_p.loss.backward()
+    assert torch.equal(xp.grad, xg.grad) and out_p.loss.item() == out.loss.item()
+    _check(x, y, adv, kw, xp.grad, out_p, dict(beta=0.04, entropy_coef=0.01), torch.bfloat16)
+
+
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 @pytest.mark.parametrize("stats", ["all", "on-policy"])
 @pytest.mark.parametrize("G", [8, 17])

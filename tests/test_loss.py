@@ -452,3 +452,62 @@ def test_masked_first_vocabulary_block(backend):
     ref, ref_grad = run_reference(x, y, adv, kw)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
     assert_close_to_reference(out, grad, ref, ref_grad)
+
+
+# --------------------------------------------------------------------------- launch grid
+@pytest.mark.kernel
+@pytest.mark.parametrize("k", [1, 4, 64])          # 64 programs > 15 rows: min(rows, k*SMs)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_persistent_grid_matches_reference(k, dtype, monkeypatch):
+    """k programs per SM (1 SM under the interpreter), each looping over many rows: every
+    row written (poisoned buffers), the same numbers as the reference, in place too."""
+    from hapo_kernels.triton.rows import persistent_rows
+    monkeypatch.setattr(hk_loss, "_empty", _poisoned_empty)
+    x, y, adv, kw = make_inputs((3, 5, 4099), dtype=dtype, seed=11)
+    opts = dict(beta=0.1, entropy_coef=0.01, dual_clip=3.0)
+    ref, ref_grad = run_reference(x, y, adv, kw, **opts)
+    with force_backend("triton"), persistent_rows(k):
+        out, grad = run_ours(x, y, adv, kw, **opts)
+        xi = x.clone().requires_grad_()
+        h = xi * 1.0
+        inplace = hk.fused_hapo_loss(h, y, adv, **kw, **opts, inplace_grad=True)
+        inplace.loss.backward()
+    assert torch.isfinite(grad).all() and torch.isfinite(out.per_token_logp).all()
+    assert_close_to_reference(out, grad, ref, ref_grad, dtype)
+    assert inplace.loss.item() == out.loss.item()
+    torch.testing.assert_close(xi.grad, grad, rtol=0, atol=0)
+
+
+@pytest.mark.kernel
+def test_persistent_grid_is_bit_identical_to_one_program_per_row():
+    """Each row is computed the same way whichever program runs it."""
+    from hapo_kernels.triton.rows import persistent_rows
+    x, y, adv, kw = make_inputs((2, 7, 300), seed=12)
+    with force_backend("triton"):
+        out, grad = run_ours(x, y, adv, kw, beta=0.1)
+        with persistent_rows(3):
+            out_p, grad_p = run_ours(x, y, adv, kw, beta=0.1)
+    assert torch.equal(grad, grad_p) and torch.equal(out.per_token_logp, out_p.per_token_logp)
+    assert out.loss.item() == out_p.loss.item()
+
+
+def test_persistent_grid_settings(monkeypatch):
+    from hapo_kernels.triton import rows
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("HAPO_PROGRAMS_PER_SM", raising=False)
+    assert rows.row_grid(100, cpu) == (100,)
+    with rows.persistent_rows(4):
+        assert rows.row_grid(100, cpu) == (4,) and rows.row_grid(3, cpu) == (3,)
+        assert rows.row_grid(0, cpu) == (1,)
+    monkeypatch.setenv("HAPO_PROGRAMS_PER_SM", "2")
+    assert rows.row_grid(100, cpu) == (2,)
+    with rows.persistent_rows(None):            # falls back to the environment
+        assert rows.row_grid(100, cpu) == (2,)
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv("HAPO_PROGRAMS_PER_SM", bad)
+        with pytest.raises(ValueError, match="HAPO_PROGRAMS_PER_SM"):
+            rows.row_grid(100, cpu)
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="persistent_rows"):
+            with rows.persistent_rows(bad):
+                pass

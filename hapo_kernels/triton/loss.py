@@ -1,12 +1,13 @@
 """The fused HAPO/GRPO loss: one Triton launch from logits to loss and gradient (DESIGN 3-5).
 
-Token-level ratios: one program per row (a 1-D grid, int64 offsets, strided ``[B, T, V]``
-read in place through ``layout.row_layout``):
+Token-level ratios: one program per row, or a persistent grid (``triton/rows.py``); int64
+offsets; strided ``[B, T, V]`` read in place through ``layout.row_layout``:
 
 1. pass over V in blocks: online max / sum-exp / sum p*z and the target logit;
 2. per-token scalars: logp, entropy, ratio, the objective, KL, entropy bonus, ``w * l``,
    and the two scalar derivatives ``dL/dlogp``, ``dL/dentropy``;
-3. second pass over the row (L2-hot) writing the gradient row.
+3. second pass over the row, last block first (the blocks pass 1 read last are the
+   likeliest to be in L2 still), writing the gradient row.
 
 So forward plus backward read the logits once from memory and write the gradient once; the
 backward only scales the saved gradient by ``grad_output``. ``_token_objective`` is the only
@@ -27,7 +28,7 @@ from ..layout import row_layout
 from ..options import LossOptions
 from . import logprobs
 from .logprobs import row_logsumexp
-from .rows import row_offset
+from .rows import row_grid, row_offset
 
 MAX_BLOCK_V = 4096
 
@@ -74,15 +75,15 @@ def _token_objective(logp, A, old, ref, is_teacher, eps_low, eps_high, dual_clip
 
 
 @triton.jit
-def _hapo_loss_kernel(
-        x_ptr, dx_ptr, y_ptr, valid_ptr, adv_ptr, old_ptr, ref_ptr, teacher_ptr, w_ptr,
+def _loss_row(
+        row, x_ptr, dx_ptr, y_ptr, valid_ptr, adv_ptr, old_ptr, ref_ptr, teacher_ptr, w_ptr,
         loss_ptr, logp_ptr, ent_ptr, ratio_ptr, clip_lo_ptr, clip_hi_ptr, kl_ptr,
-        T, V, stride_b, stride_t, dstride_b, dstride_t, inv_temp,
+        T, V, n_blocks, stride_b, stride_t, dstride_b, dstride_t, inv_temp,
         eps_low, eps_high, dual_clip, beta, entropy_coef, teacher_gamma, sft_weight,
         HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
         USE_KL: tl.constexpr, USE_ENT: tl.constexpr, TEACHER_OBJ: tl.constexpr,
         WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+    """One row (token): the loss, the per-token outputs and the gradient row."""
     x_row = x_ptr + row_offset(row, T, stride_b, stride_t)
     y = tl.load(y_ptr + row).to(tl.int64)
     valid = tl.load(valid_ptr + row) != 0          # mask and ignore_index folded
@@ -131,14 +132,15 @@ def _hapo_loss_kernel(
         tl.store(kl_ptr + row, kl)
 
     # ---- pass 2: d x = w * ((onehot - p) * dl/dlogp - p * (z - sum_pz) * dl/dentropy) / T
+    # Blocks in reverse order: the last blocks pass 1 read are the likeliest still in L2.
     if WRITE_GRAD:
         dx_row = dx_ptr + row_offset(row, T, dstride_b, dstride_t)
         lse = m + log_s
         spz = m + w / s
         a_logp = tl.where(valid, wt * g_logp * inv_temp, 0.0)
         a_ent = tl.where(valid, wt * g_ent * inv_temp, 0.0)
-        for start in range(0, V, BLOCK_V):
-            idx = start + cols
+        for i in range(0, n_blocks):
+            idx = (n_blocks - 1 - i) * BLOCK_V + cols
             z = tl.load(x_row + idx, mask=idx < n_read, other=0.0).to(tl.float32) * inv_temp
             p = tl.exp(z - lse)
             dz = (tl.where(idx == y, 1.0, 0.0) - p) * a_logp
@@ -146,6 +148,26 @@ def _hapo_loss_kernel(
                 dz -= tl.where(p > 0, p * (z - spz), 0.0) * a_ent
             dx = tl.where(valid, dz, 0.0)
             tl.store(dx_row + idx, dx.to(dx_ptr.dtype.element_ty), mask=idx < V)
+
+
+@triton.jit
+def _hapo_loss_kernel(
+        x_ptr, dx_ptr, y_ptr, valid_ptr, adv_ptr, old_ptr, ref_ptr, teacher_ptr, w_ptr,
+        loss_ptr, logp_ptr, ent_ptr, ratio_ptr, clip_lo_ptr, clip_hi_ptr, kl_ptr,
+        n_rows, T, V, n_blocks, stride_b, stride_t, dstride_b, dstride_t, inv_temp,
+        eps_low, eps_high, dual_clip, beta, entropy_coef, teacher_gamma, sft_weight,
+        HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
+        USE_KL: tl.constexpr, USE_ENT: tl.constexpr, TEACHER_OBJ: tl.constexpr,
+        WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    # One row per program, or a persistent grid (triton/rows.py): rows pid, pid + grid, ...
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        _loss_row(
+            tl.cast(r, tl.int64), x_ptr, dx_ptr, y_ptr, valid_ptr, adv_ptr, old_ptr, ref_ptr,
+            teacher_ptr, w_ptr, loss_ptr, logp_ptr, ent_ptr, ratio_ptr, clip_lo_ptr,
+            clip_hi_ptr, kl_ptr, T, V, n_blocks, stride_b, stride_t, dstride_b, dstride_t,
+            inv_temp, eps_low, eps_high, dual_clip, beta, entropy_coef, teacher_gamma,
+            sft_weight, HAS_OLD, HAS_REF, HAS_DUAL, USE_KL, USE_ENT, TEACHER_OBJ,
+            WRITE_GRAD, BLOCK_V)
 
 
 def _block_v(V: int) -> int:
@@ -164,13 +186,14 @@ def token_level(logits, x: RowInputs, opts: LossOptions, out: dict,
     dummy = x.advantages                      # stands in for absent optional pointers
     has_old, has_ref = x.old_logp is not None, x.ref_logp is not None
     block = _block_v(L.V)
-    _hapo_loss_kernel[(rows,)](
+    _hapo_loss_kernel[row_grid(rows, logits.device)](
         logits, grad if grad is not None else logits, x.targets, valid, x.advantages,
         x.old_logp if has_old else dummy, x.ref_logp if has_ref else dummy,
         teacher, x.weights,
         out["loss"], out["logp"], out["entropy"], out["ratio"], out["clip_low"],
         out["clip_high"], out["kl"] if has_ref else dummy,
-        L.T, L.V, L.stride_b, L.stride_t, D.stride_b, D.stride_t, 1.0 / opts.temperature,
+        rows, L.T, L.V, triton.cdiv(L.V, block), L.stride_b, L.stride_t, D.stride_b,
+        D.stride_t, 1.0 / opts.temperature,
         opts.eps_low, opts.eps_high, opts.dual_clip or 0.0, opts.beta, opts.entropy_coef,
         opts.teacher_gamma, opts.sft_weight,
         HAS_OLD=has_old, HAS_REF=has_ref, HAS_DUAL=opts.dual_clip is not None,
