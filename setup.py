@@ -2,7 +2,7 @@ from setuptools import setup
 
 setup(
     name="hapo-kernels",
-    version="0.1.0",
+    version="0.1.1",
     description="Fused Triton kernels for GRPO-family RL and Hindsight-Anchored Policy Optimization",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

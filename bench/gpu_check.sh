@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU validation (issues 2, 3, 5, 7, 8): the CUDA tests, the >2^31-element check, the GPU
-# benchmark sweep, the LM-head memory check; a short table printed last.
+# benchmark sweep (the fused loss on both launch grids: "ours", a program per row, and
+# "ours persistent", a program per SM looping over rows), the LM-head memory check; a short
+# table printed last.
 #
 #   bench/gpu_check.sh                 # results in bench/results/
 #   OUT=/some/dir bench/gpu_check.sh   # results in $OUT

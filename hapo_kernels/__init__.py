@@ -11,4 +11,4 @@ __all__ = ["IGNORE_INDEX", "LossOutput", "SelectiveLogSoftmax", "selective_log_s
            "group_advantages", "FusedHAPOLoss", "fused_hapo_loss",
            "FusedLinearHAPOLoss", "FusedLinearSelectiveLogSoftmax", "fused_linear_hapo_loss",
            "fused_linear_selective_log_softmax"]
-__version__ = "0.1.0"
+__version__ = "0.1.1"
