@@ -47,8 +47,12 @@ triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() \
 if torch.cuda.is_available() else 'NO CUDA DEVICE')" || exit 1
 
 : > "$OUT/cuda-tests.log"
-step "CUDA tests: pytest -m cuda tests/" "${TESTS_TIMEOUT:-65}" "$OUT/cuda-tests.log" \
-    "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/
+# Compiling each kernel variant dominates a fresh machine's test time: with pytest-xdist
+# (in the GPU image) four processes compile side by side on the GPU machine's cores.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+step "CUDA tests: pytest -m cuda tests/ ${XDIST[*]}" "${TESTS_TIMEOUT:-65}" \
+    "$OUT/cuda-tests.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider "${XDIST[@]}" tests/
 tail -n 15 "$OUT/cuda-tests.log"
 
 : > "$OUT/extras.log"
@@ -58,10 +62,11 @@ if [ -f bench/big_tensor_check.py ]; then
 fi
 
 # torch.compile only for the token-level loss at 16384 x 151936: each compile (and each
-# new shape's recompile) costs ~30-60 s.
+# new shape's recompile) costs ~30-60 s. The ops most targets are about come first.
 : > "$OUT/sweep.log"
 step "GPU sweep: python -m bench" "${SWEEP_TIMEOUT:-150}" "$OUT/sweep.log" \
     "$PY" -m bench --device cuda --check --compile loss_token --compile-at largest \
+    --ops loss_token sls_nograd loss_seq sls_grad advantages \
     --max-seconds 0.5 --out-dir "$OUT" ${SWEEP_ARGS:-}
 grep -v "benchmark:" "$OUT/sweep.log" | tail -n 50
 
