@@ -68,7 +68,7 @@ def test_hapo_loss_kernel(variant, x):
                           clip_hi_ptr="*i8", kl_ptr=f32, dstride_b="i64", dstride_t="i64",
                           eps_low="fp32", eps_high="fp32", dual_clip="fp32", beta="fp32",
                           entropy_coef="fp32", teacher_gamma="fp32", sft_weight="fp32",
-                          n_rows="i32", n_blocks="i32", **ROW),
+                          n_rows="i32", **ROW),
                      dict(variant, BLOCK_V=4096))
 
 

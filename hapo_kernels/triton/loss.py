@@ -78,7 +78,7 @@ def _token_objective(logp, A, old, ref, is_teacher, eps_low, eps_high, dual_clip
 def _loss_row(
         row, x_ptr, dx_ptr, y_ptr, valid_ptr, adv_ptr, old_ptr, ref_ptr, teacher_ptr, w_ptr,
         loss_ptr, logp_ptr, ent_ptr, ratio_ptr, clip_lo_ptr, clip_hi_ptr, kl_ptr,
-        T, V, n_blocks, stride_b, stride_t, dstride_b, dstride_t, inv_temp,
+        T, V, stride_b, stride_t, dstride_b, dstride_t, inv_temp,
         eps_low, eps_high, dual_clip, beta, entropy_coef, teacher_gamma, sft_weight,
         HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
         USE_KL: tl.constexpr, USE_ENT: tl.constexpr, TEACHER_OBJ: tl.constexpr,
@@ -139,6 +139,7 @@ def _loss_row(
         spz = m + w / s
         a_logp = tl.where(valid, wt * g_logp * inv_temp, 0.0)
         a_ent = tl.where(valid, wt * g_ent * inv_temp, 0.0)
+        n_blocks = tl.cdiv(V, BLOCK_V)
         for i in range(0, n_blocks):
             idx = (n_blocks - 1 - i) * BLOCK_V + cols
             z = tl.load(x_row + idx, mask=idx < n_read, other=0.0).to(tl.float32) * inv_temp
@@ -154,7 +155,7 @@ def _loss_row(
 def _hapo_loss_kernel(
         x_ptr, dx_ptr, y_ptr, valid_ptr, adv_ptr, old_ptr, ref_ptr, teacher_ptr, w_ptr,
         loss_ptr, logp_ptr, ent_ptr, ratio_ptr, clip_lo_ptr, clip_hi_ptr, kl_ptr,
-        n_rows, T, V, n_blocks, stride_b, stride_t, dstride_b, dstride_t, inv_temp,
+        n_rows, T, V, stride_b, stride_t, dstride_b, dstride_t, inv_temp,
         eps_low, eps_high, dual_clip, beta, entropy_coef, teacher_gamma, sft_weight,
         HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
         USE_KL: tl.constexpr, USE_ENT: tl.constexpr, TEACHER_OBJ: tl.constexpr,
@@ -164,7 +165,7 @@ def _hapo_loss_kernel(
         _loss_row(
             tl.cast(r, tl.int64), x_ptr, dx_ptr, y_ptr, valid_ptr, adv_ptr, old_ptr, ref_ptr,
             teacher_ptr, w_ptr, loss_ptr, logp_ptr, ent_ptr, ratio_ptr, clip_lo_ptr,
-            clip_hi_ptr, kl_ptr, T, V, n_blocks, stride_b, stride_t, dstride_b, dstride_t,
+            clip_hi_ptr, kl_ptr, T, V, stride_b, stride_t, dstride_b, dstride_t,
             inv_temp, eps_low, eps_high, dual_clip, beta, entropy_coef, teacher_gamma,
             sft_weight, HAS_OLD, HAS_REF, HAS_DUAL, USE_KL, USE_ENT, TEACHER_OBJ,
             WRITE_GRAD, BLOCK_V)
@@ -192,8 +193,7 @@ def token_level(logits, x: RowInputs, opts: LossOptions, out: dict,
         teacher, x.weights,
         out["loss"], out["logp"], out["entropy"], out["ratio"], out["clip_low"],
         out["clip_high"], out["kl"] if has_ref else dummy,
-        rows, L.T, L.V, triton.cdiv(L.V, block), L.stride_b, L.stride_t, D.stride_b,
-        D.stride_t, 1.0 / opts.temperature,
+        rows, L.T, L.V, L.stride_b, L.stride_t, D.stride_b, D.stride_t, 1.0 / opts.temperature,
         opts.eps_low, opts.eps_high, opts.dual_clip or 0.0, opts.beta, opts.entropy_coef,
         opts.teacher_gamma, opts.sft_weight,
         HAS_OLD=has_old, HAS_REF=has_ref, HAS_DUAL=opts.dual_clip is not None,
