@@ -86,11 +86,16 @@ def backend_for(tensor: torch.Tensor) -> str:
 
 
 @contextlib.contextmanager
-def force_backend(name: str):
-    if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is not one of {list(BACKENDS)}")
-    token = _forced.set(name)
+def scoped(var: contextvars.ContextVar, value):
+    """``var`` holds ``value`` inside the ``with`` block and its old value after it."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _forced.reset(token)
+        var.reset(token)
+
+
+def force_backend(name: str):
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not one of {list(BACKENDS)}")
+    return scoped(_forced, name)

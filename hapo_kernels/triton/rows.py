@@ -14,13 +14,14 @@ to find the row still in L2; bench/gpu_check.sh measures both grids side by side
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ..dispatch import scoped
 
 _programs_per_sm: contextvars.ContextVar = contextvars.ContextVar("hapo_programs_per_sm",
                                                                   default=None)
@@ -46,16 +47,11 @@ def programs_per_sm():
     return k
 
 
-@contextlib.contextmanager
 def persistent_rows(k):
     """Run the fused loss kernel on ``k`` programs per SM (None: one program per row)."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"persistent_rows(k): k must be a whole number >= 1 or None; got {k!r}")
-    token = _programs_per_sm.set(k)
-    try:
-        yield
-    finally:
-        _programs_per_sm.reset(token)
+    return scoped(_programs_per_sm, k)
 
 
 def sm_count(device: torch.device) -> int:
