@@ -124,12 +124,17 @@ def liger_available() -> bool:
     return True
 
 
+def triton_runs(device: str) -> bool:
+    """Triton kernels (Liger's or ours) run on ``device``: CUDA, or CPU under the interpreter."""
+    from hapo_kernels.dispatch import triton_interpret
+    return device == "cuda" or triton_interpret()
+
+
 def liger_runnable(device: str) -> tuple[bool, str]:
     """(runs, why not). Liger's Triton kernels need CUDA or TRITON_INTERPRET=1."""
     if not liger_available():
         return False, "n/a (liger-kernel not installed)"
-    from hapo_kernels.dispatch import triton_interpret
-    if device != "cuda" and not triton_interpret():
+    if not triton_runs(device):
         return False, "n/a (Triton kernels need CUDA)"
     return True, ""
 

@@ -266,18 +266,12 @@ def _ours(op: str, inplace: bool = False):
     return fn
 
 
-def _triton_runs() -> bool:
-    from hapo_kernels.dispatch import triton_interpret
-    return torch.cuda.is_available() or triton_interpret()
-
-
 def _ours_persistent(op: str, device: str):
     """Ours on a persistent grid (``hapo_kernels.triton.rows``): PERSISTENT_PROGRAMS_PER_SM
     programs per SM loop over the rows, instead of one program per row. A launch-grid
     variant of the Triton kernel, so it needs CUDA or the interpreter."""
-    from hapo_kernels.dispatch import triton_interpret
     from hapo_kernels.triton.rows import persistent_rows
-    if device != "cuda" and not triton_interpret():   # --device cpu on a GPU machine
+    if not bl.triton_runs(device):                    # --device cpu on a GPU machine
         raise Unavailable("n/a (a Triton launch-grid variant)")
     plain = _ours(op)
 
@@ -309,7 +303,8 @@ def implementations(op: str) -> list:
         # so this row gets a contiguous [B, T, V] leaf, as from logits_to_keep=T.
         impls.append(Impl("ours inplace_grad", "ours", lambda device: _ours(op, inplace=True),
                           shifted=False))
-    if op == "loss_token" and _triton_runs():   # a GPU-tuning row: not on the CPU path
+    if op == "loss_token" and bl.triton_runs("cuda" if torch.cuda.is_available() else "cpu"):
+        # a GPU-tuning row: not listed where only the CPU path runs
         impls.append(Impl(PERSISTENT, "ours", lambda device: _ours_persistent(op, device)))
     return impls
 
