@@ -15,7 +15,7 @@ setup: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	@# Triton < 3.7 (torch <= 2.11 pins it) runs its interpreter only with NumPy < 2.4.
-	@$(PY) -c "from hapo_kernels.dispatch import installed_interpreter_problem as p; \
+	@$(PY) -c "from hapo_kernels.backends import installed_interpreter_problem as p; \
 	raise SystemExit(p() is not None)" || $(PY) -m pip install -q "numpy<2.4"
 
 test: setup

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from . import ops as O
+from . import ops
 from . import report
 from . import timing
 
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", help="token counts N = B*T")
     p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V")
     p.add_argument("--seq-len", type=int, default=SEQ_LEN)
-    p.add_argument("--ops", nargs="+", choices=list(O.OPS), default=list(O.OPS))
+    p.add_argument("--ops", nargs="+", choices=list(ops.OPS), default=list(ops.OPS))
     p.add_argument("--compile", nargs="*", default=None, metavar="OP",
                    help="ops to run the torch.compile baseline for (default: all; --quick: "
                         "loss_token only; give no OP to skip it)")
@@ -81,7 +81,7 @@ def settings(args):
     tokens, vocab = args.tokens or tokens, args.vocab or vocab
     compile_ops = args.compile
     if compile_ops is None:
-        compile_ops = ["loss_token"] if args.quick else list(O.OPS)
+        compile_ops = ["loss_token"] if args.quick else list(ops.OPS)
     return dict(device=device, dtype=dtype, tokens=tokens, vocab=vocab,
                 compile_ops=set(compile_ops),
                 compile_at=args.compile_at or ("largest" if args.quick else "all"),
@@ -103,19 +103,19 @@ def run_row(op, impl, fn, B, T, V, cfg, copy_bw):
     device, dtype = cfg["device"], cfg["dtype"]
     row = dict(op=op, impl=impl.name, kind=impl.kind, device=device,
                dtype=str(dtype).replace("torch.", ""), B=B, T=T, V=V, tokens=B * T,
-               group=O.GROUP, floor_bytes=O.floor_bytes(op, B, T, V, dtype),
+               group=ops.GROUP, floor_bytes=ops.floor_bytes(op, B, T, V, dtype),
                logits_bytes=B * (T + 1) * V * torch.empty((), dtype=dtype).element_size(),
                median_ms=None, peak_extra_bytes=None, status="ok")
     sets = []
     try:
-        one = O.make_inputs(op, B, T, V, dtype, device, seed=0, shifted=impl.shifted)
-        row["input_bytes"] = O.input_bytes(one)
+        one = ops.make_inputs(op, B, T, V, dtype, device, seed=0, shifted=impl.shifted)
+        row["input_bytes"] = ops.input_bytes(one)
         budget = None
         if device == "cuda":
             free, _total = torch.cuda.mem_get_info()
             budget = free // 4
         n = timing.rotation_count(row["input_bytes"], device, budget_bytes=budget)
-        sets = [one] + [O.make_inputs(op, B, T, V, dtype, device, seed=s, shifted=impl.shifted)
+        sets = [one] + [ops.make_inputs(op, B, T, V, dtype, device, seed=s, shifted=impl.shifted)
                         for s in range(1, n)]
         rot = timing.Rotation(sets)
         fn(rot.next())                                   # warm-up / compile, outside timing
@@ -129,7 +129,7 @@ def run_row(op, impl, fn, B, T, V, cfg, copy_bw):
         row["gbps"] = row["floor_bytes"] / t / 1e9
         row["pct_copy_bw"] = 100 * row["gbps"] / copy_bw
         row["rotating_sets"] = n
-    except O.Unavailable as exc:
+    except ops.Unavailable as exc:
         row["status"] = str(exc)
     except torch.cuda.OutOfMemoryError:
         row["status"] = "n/a (out of memory)"
@@ -156,13 +156,13 @@ def add_speedups(rows):
     return rows
 
 
-def plan(cfg, ops, seq_len):
+def plan(cfg, op_names, seq_len):
     """(op, B, T, V) for every timed case, largest shapes first (the targets are there, and a
     run cut short by a timeout keeps them); group_advantages once per token count."""
     cases = []
     for N in sorted(cfg["tokens"], reverse=True):
         B, T = batch_shape(N, seq_len)
-        for op in ops:
+        for op in op_names:
             if op == "advantages":
                 cases.append((op, B, T, 0))
                 continue
@@ -172,24 +172,24 @@ def plan(cfg, ops, seq_len):
 
 
 # --------------------------------------------------------------------------- checks
-def correctness(cfg, ops):
+def correctness(cfg, op_names):
     """Every available implementation against the float64 reference, fp32 and bf16."""
     results = []
-    for op in ops:
+    for op in op_names:
         for dtype in (torch.float32, torch.bfloat16):
             if op == "advantages" and dtype != torch.float32:
                 continue
-            for impl in O.implementations(op):
+            for impl in ops.implementations(op):
                 if impl.name == "torch.compile":
                     continue                # same code as eager; compiling here costs minutes
                 try:
                     fn = impl.build(cfg["device"])
-                except O.Unavailable as exc:
-                    results.append(O.CheckResult(op, impl.name, str(dtype)[6:], None,
-                                                 note=str(exc)))
+                except ops.Unavailable as exc:
+                    results.append(ops.CheckResult(op, impl.name, str(dtype)[6:], None,
+                                               note=str(exc)))
                     continue
-                results.append(O.check(op, impl.name, fn, dtype, cfg["device"],
-                                       kind=impl.kind, shifted=impl.shifted))
+                results.append(ops.check(op, impl.name, fn, dtype, cfg["device"],
+                                         kind=impl.kind, shifted=impl.shifted))
     return results
 
 
@@ -206,19 +206,19 @@ def big_spot_check(cfg, min_elements=2 ** 31, seq_len=SEQ_LEN):
     out = {"shape": f"{N}x{V}", "elements": N * V}
     B, T = batch_shape(N, seq_len)
     try:
-        inp = O.make_inputs("sls_nograd", B, T, V, cfg["dtype"], dev, seed=7)
-        got = O._ours("sls_nograd")(inp)["logp"][-1, -4:]
+        inp = ops.make_inputs("sls_nograd", B, T, V, cfg["dtype"], dev, seed=7)
+        got = ops.ours("sls_nograd")(inp)["logp"][-1, -4:]
         want = ref.log_probs(inp["full"][-1:, T - 4:T], inp["ids"][-1:, -4:])[0][0]
-        out["logp_rel_error"] = O.rel_error(got, want)
+        out["logp_rel_error"] = ops.rel_error(got, want)
         del inp
-        inp = O.make_inputs("loss_token", B, T, V, cfg["dtype"], dev, seed=8)
-        grad = O._ours("loss_token")(inp)["grad"][-1]
+        inp = ops.make_inputs("loss_token", B, T, V, cfg["dtype"], dev, seed=8)
+        grad = ops.ours("loss_token")(inp)["grad"][-1]
         last = inp["full"].detach()[-1:, :-1].clone().requires_grad_(True)
         res = ref.hapo_loss(last, inp["ids"][-1:], inp["adv"][-1:], mask=inp["mask"][-1:],
                             old_logp=inp["old"][-1:], ref_logp=inp["ref"][-1:],
-                            normalizer=float(inp["mask"].sum()), **O.LOSS_KW)
+                            normalizer=float(inp["mask"].sum()), **ops.LOSS_KW)
         (want_grad,) = torch.autograd.grad(res.loss, last)
-        out["grad_rel_error"] = O.rel_error(grad, want_grad[0])
+        out["grad_rel_error"] = ops.rel_error(grad, want_grad[0])
         out["ok"] = out["logp_rel_error"] < 1e-4 and out["grad_rel_error"] < 1e-2
     except Exception as exc:
         out.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -275,7 +275,7 @@ def main(argv=None):
     from tqdm import tqdm
     rows = []
     cases = plan(cfg, args.ops, args.seq_len)
-    todo = [(c, impl) for c in cases for impl in O.implementations(c[0])]
+    todo = [(c, impl) for c in cases for impl in ops.implementations(c[0])]
     for (op, B, T, V), impl in tqdm(todo, desc="benchmark", unit="row", file=sys.stderr):
         skip = None
         if impl.name == "torch.compile" and op not in cfg["compile_ops"]:
@@ -286,13 +286,13 @@ def main(argv=None):
         else:
             try:
                 fn = impl.build(cfg["device"])
-            except O.Unavailable as exc:
+            except ops.Unavailable as exc:
                 skip = str(exc)
         if skip is not None:
             rows.append(dict(op=op, impl=impl.name, kind=impl.kind, device=cfg["device"],
                              dtype=str(cfg["dtype"])[6:], B=B, T=T, V=V, tokens=B * T,
-                             group=O.GROUP, logits_bytes=0, status=skip,
-                             floor_bytes=O.floor_bytes(op, B, T, V, cfg["dtype"])))
+                             group=ops.GROUP, logits_bytes=0, status=skip,
+                             floor_bytes=ops.floor_bytes(op, B, T, V, cfg["dtype"])))
         else:
             rows.append(run_row(op, impl, fn, B, T, V, cfg, copy_bw))
         if not args.no_save:             # partial results survive a timeout

@@ -126,7 +126,7 @@ def liger_available() -> bool:
 
 def triton_runs(device: str) -> bool:
     """Triton kernels (Liger's or ours) run on ``device``: CUDA, or CPU under the interpreter."""
-    from hapo_kernels.dispatch import triton_interpret
+    from hapo_kernels.backends import triton_interpret
     return device == "cuda" or triton_interpret()
 
 

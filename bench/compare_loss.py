@@ -15,16 +15,16 @@ import time
 
 import torch
 
-from . import ops as O
+from . import ops
 from . import timing
 
 NAMES = ("eager (TRL)", "ours", "ours inplace_grad")
 
 
 def compare(level: str, B: int, T: int, V: int, repeats: int) -> list:
-    impls = {i.name: i for i in O.implementations(level)}
+    impls = {i.name: i for i in ops.implementations(level)}
     fns = {n: impls[n].build("cpu") for n in NAMES}
-    inputs = {n: [O.make_inputs(level, B, T, V, torch.float32, "cpu", seed=s,
+    inputs = {n: [ops.make_inputs(level, B, T, V, torch.float32, "cpu", seed=s,
                                 shifted=impls[n].shifted) for s in range(2)] for n in NAMES}
     times = {n: [] for n in NAMES}
     for n in NAMES:

@@ -209,7 +209,7 @@ def _compiled(op: str) -> Callable[[dict], dict]:
     return _COMPILED[op]
 
 
-def _liger(op: str, device: str):
+def liger_impl(op: str, device: str):
     ok, why = bl.liger_runnable(device)
     if not ok:
         raise Unavailable(why)
@@ -231,7 +231,7 @@ def _hk():
     return hk
 
 
-def _ours(op: str, inplace: bool = False):
+def ours(op: str, inplace: bool = False):
     hk = _hk()
     need = {"sls_nograd": "selective_log_softmax", "sls_grad": "selective_log_softmax",
             "loss_token": "fused_hapo_loss", "loss_seq": "fused_hapo_loss",
@@ -266,14 +266,14 @@ def _ours(op: str, inplace: bool = False):
     return fn
 
 
-def _ours_persistent(op: str, device: str):
+def ours_persistent(op: str, device: str):
     """Ours on a persistent grid (``hapo_kernels.triton.rows``): PERSISTENT_PROGRAMS_PER_SM
     programs per SM loop over the rows, instead of one program per row. A launch-grid
     variant of the Triton kernel, so it needs CUDA or the interpreter."""
     from hapo_kernels.triton.rows import persistent_rows
     if not bl.triton_runs(device):                    # --device cpu on a GPU machine
         raise Unavailable("n/a (a Triton launch-grid variant)")
-    plain = _ours(op)
+    plain = ours(op)
 
     def fn(inp):
         with persistent_rows(PERSISTENT_PROGRAMS_PER_SM):
@@ -295,17 +295,17 @@ def implementations(op: str) -> list:
     impls = [Impl("eager (TRL)", "baseline", _eager(op)),
              Impl("torch.compile", "baseline", lambda device: _compiled(op))]
     if op != "advantages" and op != "sls_grad":
-        impls.append(Impl("Liger", "baseline", lambda device: _liger(op, device)))
-    impls.append(Impl("ours", "ours", lambda device: _ours(op)))
+        impls.append(Impl("Liger", "baseline", lambda device: liger_impl(op, device)))
+    impls.append(Impl("ours", "ours", lambda device: ours(op)))
     if op.startswith("loss"):
         # In-place gradients go into the storage of the tensor handed over; autograd cannot
         # return them for a [:, :-1] view (its grad_fn is rebuilt after the in-place write),
         # so this row gets a contiguous [B, T, V] leaf, as from logits_to_keep=T.
-        impls.append(Impl("ours inplace_grad", "ours", lambda device: _ours(op, inplace=True),
+        impls.append(Impl("ours inplace_grad", "ours", lambda device: ours(op, inplace=True),
                           shifted=False))
     if op == "loss_token" and bl.triton_runs("cuda" if torch.cuda.is_available() else "cpu"):
         # a GPU-tuning row: not listed where only the CPU path runs
-        impls.append(Impl(PERSISTENT, "ours", lambda device: _ours_persistent(op, device)))
+        impls.append(Impl(PERSISTENT, "ours", lambda device: ours_persistent(op, device)))
     return impls
 
 

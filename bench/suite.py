@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from bench import ops as O
+from bench import ops
 from bench import timing
 
 MEMORY_ROWS = []
@@ -26,23 +26,23 @@ def compile_enabled() -> bool:
 
 
 def impl_names(op):
-    return [impl.name for impl in O.implementations(op)]
+    return [impl.name for impl in ops.implementations(op)]
 
 
 def run_benchmark(benchmark, op, impl_name, B, T, V, dtype, *, rotate=2, rounds=None):
     """Benchmark one implementation of ``op`` on ``[B, T+1, V]`` logits, grouped by shape."""
     dev = device()
-    impl = {i.name: i for i in O.implementations(op)}[impl_name]
+    impl = {i.name: i for i in ops.implementations(op)}[impl_name]
     if impl_name == "torch.compile" and not compile_enabled():
         pytest.skip("torch.compile baseline off on CPU (HAPO_BENCH_COMPILE=1 turns it on)")
     try:
         fn = impl.build(dev)
-    except O.Unavailable as exc:
+    except ops.Unavailable as exc:
         pytest.skip(str(exc))
-    shape = f"{B * T}x{O.GROUP}" if op == "advantages" else \
+    shape = f"{B * T}x{ops.GROUP}" if op == "advantages" else \
         f"{B}x{T}x{V} {str(dtype).replace('torch.', '')}"
-    benchmark.group = f"{O.OPS[op]} | {shape} | {dev}"
-    sets = [O.make_inputs(op, B, T, V, dtype, dev, seed=s, shifted=impl.shifted)
+    benchmark.group = f"{ops.OPS[op]} | {shape} | {dev}"
+    sets = [ops.make_inputs(op, B, T, V, dtype, dev, seed=s, shifted=impl.shifted)
             for s in range(rotate)]
     rot = timing.Rotation(sets)
 
@@ -58,10 +58,10 @@ def run_benchmark(benchmark, op, impl_name, B, T, V, dtype, *, rotate=2, rounds=
     else:
         benchmark(call)
     peak = timing.measure_peak(lambda: fn(sets[0]), dev)
-    floor = O.floor_bytes(op, B, T, V, dtype)
+    floor = ops.floor_bytes(op, B, T, V, dtype)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(peak_extra_bytes=peak, floor_bytes=floor,
-                                input_bytes=O.input_bytes(sets[0]),
+                                input_bytes=ops.input_bytes(sets[0]),
                                 floor_gbps=floor / median / 1e9 if median else None)
     MEMORY_ROWS.append((benchmark.group, impl_name, median, peak, floor))
 

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
-from hapo_kernels.options import _choice, _number
-from hapo_kernels.reference import check_groups
+from hapo_kernels.inputs import check_groups
+from hapo_kernels.options import choice, number
 
 __all__ = ["ThompsonGate", "regularized_incomplete_beta"]
 
@@ -87,15 +87,15 @@ class ThompsonGate:
     def __init__(self, threshold: float = 0.8, mode: str = "mean", prior=(1.0, 1.0),
                  success_threshold: float = 0.5, memory: str = "step", discount: float = 1.0,
                  schedule: Optional[Callable[[int], float]] = None, seed: Optional[int] = None):
-        self.threshold = _number("threshold", threshold, low=0.0, high=1.0)
-        self.mode = _choice("mode", mode, MODES)
+        self.threshold = number("threshold", threshold, low=0.0, high=1.0)
+        self.mode = choice("mode", mode, MODES)
         if not isinstance(prior, (tuple, list)) or len(prior) != 2:
             raise ValueError(f"prior must be a pair (a0, b0), got {prior!r}")
-        self.prior = (_number("prior[0]", prior[0], low=0.0, low_open=True),
-                      _number("prior[1]", prior[1], low=0.0, low_open=True))
-        self.success_threshold = _number("success_threshold", success_threshold)
-        self.memory = _choice("memory", memory, MEMORIES)
-        self.discount = _number("discount", discount, low=0.0, high=1.0, low_open=True)
+        self.prior = (number("prior[0]", prior[0], low=0.0, low_open=True),
+                      number("prior[1]", prior[1], low=0.0, low_open=True))
+        self.success_threshold = number("success_threshold", success_threshold)
+        self.memory = choice("memory", memory, MEMORIES)
+        self.discount = number("discount", discount, low=0.0, high=1.0, low_open=True)
         if schedule is not None and not callable(schedule):
             raise ValueError(f"schedule must be a callable step -> gamma_t, got {schedule!r}")
         self.schedule = schedule
@@ -114,7 +114,7 @@ class ThompsonGate:
         step = self.step if step is None else step
         if self.schedule is None:
             return self.threshold
-        return _number("schedule(step)", self.schedule(step))
+        return number("schedule(step)", self.schedule(step))
 
     def successes(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         """``S`` per group, float64 ``[P]``."""
@@ -200,7 +200,7 @@ class ThompsonGate:
                     for s in range(N + 1)]
 
         def one(mu):
-            mu = _number("success_rate", mu, low=0.0, high=1.0)
+            mu = number("success_rate", mu, low=0.0, high=1.0)
             return sum(w * g for w, g in zip(_binomial_pmf(N, mu), gate))
 
         if isinstance(success_rate, (list, tuple)) or (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hapo_kernels.options import _number
+from hapo_kernels.options import number
 
 __all__ = ["Schedule", "Constant", "Linear", "Cosine", "Exponential", "constant", "linear",
            "cosine", "exponential", "make_schedule", "SCHEDULES"]
@@ -30,8 +30,8 @@ class Schedule:
     total_steps: int = 1
 
     def __post_init__(self):
-        _number("gamma", self.gamma, low=0.0, high=1.0)
-        _number("gamma_min", self.gamma_min, low=0.0, high=1.0)
+        number("gamma", self.gamma, low=0.0, high=1.0)
+        number("gamma_min", self.gamma_min, low=0.0, high=1.0)
         if self.gamma_min > self.gamma:
             raise ValueError(f"gamma_min={self.gamma_min} must not exceed gamma={self.gamma} "
                              "(schedules anneal the threshold downwards)")
@@ -73,7 +73,7 @@ class Exponential(Schedule):
 
     def __post_init__(self):
         super().__post_init__()
-        _number("rate", self.rate, low=0.0, low_open=True)
+        number("rate", self.rate, low=0.0, low_open=True)
 
     def __call__(self, step) -> float:
         t = _check_step(step) / self.total_steps

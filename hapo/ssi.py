@@ -17,7 +17,7 @@ import torch
 
 import hapo_kernels as hk
 from hapo_kernels.options import TEACHER_REWARD
-from hapo_kernels.reference import check_groups
+from hapo_kernels.inputs import check_groups
 
 __all__ = ["RolloutBatch", "inject_successes", "lookup_demo"]
 

@@ -25,7 +25,6 @@ from typing import Callable, List, Optional
 import torch
 
 import hapo_kernels as hk
-from hapo_kernels.options import resolve_aggregation
 
 from .config import HAPOConfig
 from .lm_head import last_hidden_states, output_head
@@ -56,7 +55,7 @@ class HAPOTrainer:
             see ``hapo.ssi.lookup_demo``). Keys default to the prompt's token tuple.
         config: a ``HAPOConfig``.
         ref_policy: the KL reference; by default a frozen copy of the policy when
-            ``config.beta > 0`` (and no KL otherwise).
+            ``config.loss.beta > 0`` (and no KL otherwise).
     """
 
     def __init__(self, policy, optimizer, reward_fn: Callable, demos=None,
@@ -64,7 +63,7 @@ class HAPOTrainer:
         self.policy, self.optimizer, self.reward_fn = policy, optimizer, reward_fn
         self.demos = demos
         self.config = config = config or HAPOConfig()
-        if ref_policy is None and config.beta > 0:
+        if ref_policy is None and config.loss.beta > 0:
             ref_policy = copy.deepcopy(policy).requires_grad_(False).eval()
         self.ref_policy = ref_policy
         self.gate = config.make_gate()
@@ -175,10 +174,10 @@ class HAPOTrainer:
         batch = RolloutBatch(prompts, completion, cmask, rewards,
                              torch.arange(P, device=self.device).repeat_interleave(G))
         batch, replaced = inject_successes(batch, step_demos, inject, G,
-                                           teacher_reward=cfg.teacher_reward,
+                                           teacher_reward=cfg.advantages.teacher_reward,
                                            pad_token_id=cfg.pad_token_id)
         advantages, _ = hk.group_advantages(rewards, G, inject=replaced >= 0,
-                                            **cfg.advantage_kwargs())
+                                            options=cfg.advantages)
         advantages = advantages.float()
 
         input_ids = torch.cat([prompts, batch.completion_ids], dim=1)
@@ -220,7 +219,7 @@ class HAPOTrainer:
         n = input_ids.shape[0]
         # Micro-batch losses must add up to the full-batch loss: token-mean uses the whole
         # batch's token count as normalizer; the per-sequence means are re-weighted.
-        token_mean = resolve_aggregation(cfg.aggregation) == "token-mean"
+        token_mean = cfg.loss.aggregation_mode == "token-mean"
         normalizer = float(mask.sum().clamp(min=1)) if token_mean else None
         max_len = targets.shape[1]
         sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0, "kl": 0.0,
@@ -242,7 +241,7 @@ class HAPOTrainer:
                     out = hk.fused_linear_hapo_loss(
                         hidden, weight, targets[rows], advantages[rows], bias=bias,
                         chunk_size=cfg.fused_linear_chunk_size, **per_rows,
-                        **self.loss_fn.options)
+                        options=self.loss_fn.options)
                 else:
                     logits = self._completion_logits(self.policy, input_ids[rows], prompt_len)
                     out = self.loss_fn(logits, targets[rows], advantages[rows], **per_rows)

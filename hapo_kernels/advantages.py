@@ -1,28 +1,37 @@
-"""``group_advantages``: group-normalised advantages with SSI substitution (DESIGN section 6).
+"""``group_advantages``: group-normalised advantages with SSI substitution (design section 6).
 
-Validates, then dispatches: the Triton kernel on CUDA (or under ``TRITON_INTERPRET=1``),
-the float32 CPU path otherwise. Both follow ``reference.group_advantages``.
+Validates, then runs on the backend that serves the rewards (the Triton kernel on CUDA or
+under ``TRITON_INTERPRET=1``, the float32 CPU path otherwise). With a ``process_group`` the
+rewards of every rank are gathered first (``distributed.gather_rewards``), so a group may
+span ranks, and each rank keeps its own slice of the result.
 """
 from __future__ import annotations
 
+from typing import Any, Optional, Tuple
+
 import torch
 
-from . import options as O
-from . import reference
-from .dispatch import backend_for
+from . import distributed
+from .backends import backend_for
+from .inputs import check_groups
+from .options import AdvantageOptions, split_options
+from .packed import check_cu_seqlens
 
 
-def group_advantages(rewards, group_size, inject=None, teacher_reward=O.TEACHER_REWARD,
-                     scale="group", stats="all", eps=O.ADVANTAGE_EPS, *, process_group=None,
-                     cu_seqlens=None):
-    """Advantages ``[P*G]`` (float32) and the replaced member index per group (int64, -1: none).
+def group_advantages(rewards: torch.Tensor, group_size: int,
+                     inject: Optional[torch.Tensor] = None, *,
+                     options: Optional[AdvantageOptions] = None, process_group: Any = None,
+                     cu_seqlens: Optional[torch.Tensor] = None,
+                     **option_values: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Advantages ``[P*G]`` (float32) and the replaced member per group (int64, -1: none).
 
     ``rewards`` is ``[P*G]`` with the G rollouts of prompt p at ``p*G .. p*G+G-1``;
     ``inject`` ``[P]`` bool marks the groups whose worst member (lowest reward, first index on
-    ties) is replaced by a teacher demonstration with reward ``teacher_reward``. ``scale``:
-    ``"group"`` ``(r - mean) / (std + eps)``, ``"batch"`` (one std for the batch) or
-    ``"none"`` ``(r - mean)``; ``stats``: ``"all"`` members or ``"on-policy"`` (teacher
-    excluded from mean and std). Never NaN.
+    ties) is replaced by a teacher demonstration with reward ``teacher_reward``. Options
+    (``AdvantageOptions``, as keywords or ``options=``): ``scale`` ``"group"``
+    ``(r - mean) / (std + eps)``, ``"batch"`` (one std for the batch) or ``"none"``
+    ``(r - mean)``; ``stats`` ``"all"`` members or ``"on-policy"`` (teacher excluded from
+    mean and std); ``eps``; ``teacher_reward``. Never NaN.
 
     ``process_group`` (data-parallel): ``rewards`` is this rank's contiguous slice of the
     global batch in rank order (groups may span ranks); the rewards are all-gathered,
@@ -31,8 +40,11 @@ def group_advantages(rewards, group_size, inject=None, teacher_reward=O.TEACHER_
     ``cu_seqlens``: accepted for symmetry with the loss on packed input; rewards are one
     per sequence, so it only checks that ``rewards`` has ``len(cu_seqlens) - 1`` entries.
     """
+    if options is not None and option_values:
+        options = options.replace(**option_values)
+    elif options is None:
+        _, options = split_options(option_values)
     if cu_seqlens is not None:
-        from .packed import check_cu_seqlens
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
             raise ValueError("cu_seqlens must be a 1-D tensor [S + 1]")
         check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]) if cu_seqlens.numel() else 0,
@@ -40,20 +52,17 @@ def group_advantages(rewards, group_size, inject=None, teacher_reward=O.TEACHER_
         if isinstance(rewards, torch.Tensor) and rewards.numel() != cu_seqlens.numel() - 1:
             raise ValueError(f"rewards must hold one reward per sequence of cu_seqlens "
                              f"({cu_seqlens.numel() - 1}), got {rewards.numel()}")
+    start = 0
+    n_local = None
     if process_group is not None:
-        from .distributed import group_advantages as across_ranks
-        return across_ranks(rewards, group_size, inject, process_group=process_group,
-                            teacher_reward=teacher_reward, scale=scale, stats=stats, eps=eps)
-    reference.check_groups(rewards, group_size, inject)
-    scale, stats = O.check_scale(scale), O.check_stats(stats)
-    eps = O._number("eps", eps, low=0.0)
-    teacher_reward = O._number("teacher_reward", teacher_reward)
-    if rewards.dtype.is_complex:
-        raise ValueError(f"rewards must be real, got {rewards.dtype}")
+        n_local = rewards.numel() if isinstance(rewards, torch.Tensor) else None
+        rewards, start = distributed.gather_rewards(rewards, process_group)
+        if inject is not None:
+            inject = distributed.broadcast_decisions(inject, process_group)
+    check_groups(rewards, group_size, inject)
     if inject is not None and inject.dtype != torch.bool:
         raise ValueError(f"inject must be a bool tensor, got {inject.dtype}")
-    if backend_for(rewards) == "triton":
-        from .triton.advantages import group_advantages as run
-    else:
-        from .cpu.advantages import group_advantages as run
-    return run(rewards, group_size, inject, teacher_reward, scale, stats, eps)
+    adv, replaced = backend_for(rewards).group_advantages(rewards, group_size, inject, options)
+    if n_local is not None:
+        adv = adv[start:start + n_local]
+    return adv, replaced

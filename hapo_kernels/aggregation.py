@@ -1,4 +1,4 @@
-"""Aggregation (DESIGN section 5) as per-token weights, shared by the fast paths.
+"""Aggregation (docs/design.md section 5) as per-token weights, shared by the fast paths.
 
 Every aggregation mode is a weighted sum ``loss = sum_it w_it * l_it`` whose weights depend
 only on the mask, so the fast paths compute them once before the launch; the backward then
@@ -7,13 +7,15 @@ tests hold the two against each other.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
 from .options import LossOptions
 
 
-def token_normalizer(valid: torch.Tensor, opts: LossOptions, group=None) -> torch.Tensor:
+def token_normalizer(valid: torch.Tensor, opts: LossOptions, group: Any = None) -> torch.Tensor:
     """N for ``token-mean``: the ``normalizer`` argument, else the token count.
 
     For the ``dapo`` alias the count is global: all-reduced over ``group`` (the default
@@ -24,7 +26,7 @@ def token_normalizer(valid: torch.Tensor, opts: LossOptions, group=None) -> torc
     if opts.normalizer is not None:
         return torch.tensor(opts.normalizer, dtype=torch.float64, device=valid.device)
     count = valid.sum(dtype=torch.float64)
-    alias = opts.aggregation_alias
+    alias = opts.aggregation
     global_count = alias == "dapo" or (group is not None and alias == "token-mean")
     if global_count and dist.is_available() and dist.is_initialized():
         count = count.clone()
@@ -33,8 +35,8 @@ def token_normalizer(valid: torch.Tensor, opts: LossOptions, group=None) -> torc
     return count.clamp(min=1.0)
 
 
-def aggregation_weights(valid: torch.Tensor, opts: LossOptions, segments=None,
-                        group=None) -> torch.Tensor:
+def aggregation_weights(valid: torch.Tensor, opts: LossOptions, segments: Any = None,
+                        group: Any = None) -> torch.Tensor:
     """float32 weights with ``loss = sum(w * l)``; zero on invalid tokens.
 
     ``valid`` is ``[B, T]`` (sequences are rows, the padded width is T), or packed ``[N]``
@@ -50,7 +52,7 @@ def aggregation_weights(valid: torch.Tensor, opts: LossOptions, segments=None,
         m = valid.reshape(-1).to(torch.float64)
         seq_tokens = segments.broadcast(segments.sum(m))
         n_seq, width = segments.count, segments.max_len
-    agg = opts.aggregation
+    agg = opts.aggregation_mode
     if agg == "token-mean":
         w = m / token_normalizer(valid, opts, group)
     elif agg == "seq-mean-token-mean":
@@ -59,6 +61,6 @@ def aggregation_weights(valid: torch.Tensor, opts: LossOptions, segments=None,
         w = m / n_seq
     elif agg == "seq-mean-token-sum-norm":
         w = m / (n_seq * (opts.max_len if opts.max_len is not None else width))
-    else:  # parse_loss_options has already rejected anything else
+    else:  # LossOptions has already rejected anything else
         raise ValueError(f"aggregation={agg!r} is not known")
     return w.to(torch.float32)

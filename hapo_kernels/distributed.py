@@ -26,23 +26,22 @@ target). The collectives run inside the forward of the autograd Function and not
 in the backward: a plain ``all_reduce`` inside autograd would back-propagate as the
 identity and give wrong gradients (ms-swift PR #9947).
 
-**Data-parallel**: ``group_advantages`` over groups whose rollouts span ranks gathers the
-rewards (``all_gather``), computes on the whole batch on every rank and returns this rank's
-slice; injection decisions are broadcast from the group's first rank so that every rank
-uses the same ones. ``decide_injections`` runs a gate once per group on the gathered
+**Data-parallel**: ``hapo_kernels.group_advantages(..., process_group=)`` over groups whose
+rollouts span ranks gathers the rewards here (``gather_rewards``), computes on the whole
+batch on every rank and keeps this rank's slice; injection decisions are broadcast from the
+group's first rank (``broadcast_decisions``) so that every rank uses the same ones. ``decide_injections`` runs a gate once per group on the gathered
 rewards, with the same broadcast.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Tuple
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["VocabShard", "vocab_shard", "VocabParallelOps", "combine_vocab_stats",
-           "rank_offset", "gather_rewards", "broadcast_decisions", "group_advantages",
-           "decide_injections"]
+           "rank_offset", "gather_rewards", "broadcast_decisions", "decide_injections"]
 
 
 def _require_initialized(what: str):
@@ -114,8 +113,8 @@ def combine_vocab_stats(logp_k, ent_k, lse_k, held, valid, group):
 class VocabParallelOps:
     """A backend's ``row_stats`` / ``grad_logits`` over a vocabulary slice, global results.
 
-    Same internal API as ``cpu.logprobs`` / ``triton.logprobs`` (target ids global), so it
-    slots into ``SelectiveLogSoftmax`` and ``cpu.loss.sequence_level`` unchanged.
+    The same two operations as ``backends.Backend`` (target ids global), so it slots into
+    ``SelectiveLogSoftmaxFunction`` and ``twopass.two_pass_loss`` unchanged.
     """
 
     def __init__(self, base, shard: VocabShard):
@@ -150,18 +149,6 @@ class VocabParallelOps:
                                      ignore_index, out=out)
 
 
-def hapo_loss_rows(logits, rows, opts, out: dict, grad: Optional[torch.Tensor], base,
-                   shard: VocabShard):
-    """The fused loss over a vocabulary slice (see ``hapo_kernels.loss``).
-
-    The statistics pass (with its two all-reduces), the per-token objective on
-    ``[tokens]`` vectors, then the slice's gradient pass: ``cpu.loss.sequence_level`` with
-    ``VocabParallelOps``, for token- and sequence-level importance sampling alike.
-    """
-    from .cpu.loss import sequence_level      # imported late: cpu.loss imports this package
-    sequence_level(logits, rows, opts, out, grad, VocabParallelOps(base, shard))
-
-
 # --------------------------------------------------------------------------- data-parallel
 def gather_rewards(rewards: torch.Tensor, group=None) -> Tuple[torch.Tensor, int]:
     """Every rank's rewards concatenated in rank order, and where this rank's slice starts.
@@ -191,22 +178,6 @@ def broadcast_decisions(inject: torch.Tensor, group=None) -> torch.Tensor:
     as_bytes = inject.to(torch.uint8).contiguous()     # gloo has no bool collectives
     dist.broadcast(as_bytes, src=_first_rank(group), group=group)
     return as_bytes.bool()
-
-
-def group_advantages(rewards, group_size, inject=None, *, process_group, **options):
-    """``hapo_kernels.group_advantages`` for groups that span the ranks of ``process_group``.
-
-    ``rewards`` is this rank's contiguous slice of the global ``[P*G]`` batch (rank order;
-    a group may start on one rank and end on another); ``inject`` is ``[P]`` for the whole
-    batch (rank 0's is used on every rank). Returns this rank's slice of the advantages and
-    the replaced index of every group ``[P]``, identical on every rank.
-    """
-    from .advantages import group_advantages as single_process
-    all_rewards, start = gather_rewards(rewards, process_group)
-    if inject is not None:
-        inject = broadcast_decisions(inject, process_group)
-    adv, replaced = single_process(all_rewards, group_size, inject, **options)
-    return adv[start:start + rewards.numel()], replaced
 
 
 def decide_injections(gate, rewards, group_size, process_group=None, **decide_kwargs):

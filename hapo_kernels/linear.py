@@ -3,7 +3,7 @@
 ``fused_linear_hapo_loss(hidden, weight, target_ids, advantages, ...)`` equals
 ``fused_hapo_loss(hidden @ weight.T + bias, target_ids, advantages, ...)`` and
 ``fused_linear_selective_log_softmax`` equals ``selective_log_softmax`` on the same logits,
-but the logits only ever exist one chunk of tokens at a time (``cpu.linear``; a chunk of
+but the logits only ever exist one chunk of tokens at a time (``head``; a chunk of
 tokens times a block of vocabulary where even that is too large). Like ``fused_hapo_loss``,
 the loss computes its gradients during the forward: per chunk, logits by matmul, the
 backend's loss kernel writes the logits' gradient over them, and two more matmuls push it
@@ -12,45 +12,36 @@ into ``hidden``'s and ``weight``'s gradients; the backward only scales by ``grad
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Optional, Tuple, Union
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import options as O
-from .cpu import linear as impl
-from .cpu.loss import RowInputs, sequence_level
-from .dispatch import backend_for
-from .loss import loss_and_extras, loss_output, per_token_buffers, prepare_rows
-from .outputs import LossOutput
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Every output buffer written row by row comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _ops(tensor):
-    """The backend's ``(loss, logprobs)`` modules for chunks of ``tensor``'s device."""
-    if backend_for(tensor) == "triton":
-        from .triton import logprobs, loss
-    else:
-        from .cpu import logprobs, loss
-    return loss, logprobs
+from . import head
+from .backends import backend_for
+from .inputs import LossInputs, check_target_ids
+from .loss import finish_forward, loss_output, prepare_loss
+from .options import (IGNORE_INDEX, LOGIT_DTYPES, AdvantageOptions, LossOptions, check_bool,
+                      check_ignore_index, check_temperature, split_options)
+from .outputs import LossOutput, TokenResults, new_buffer
+from .twopass import two_pass_loss
 
 
 # --------------------------------------------------------------------------- validation
-def check_linear_inputs(hidden, weight, bias, target_ids, ignore_index):
+def check_linear_inputs(hidden: Any, weight: Any, bias: Any, target_ids: Any,
+                        ignore_index: int) -> int:
     """Shapes, dtypes and devices of the head, then ``target_ids`` against ``hidden``'s rows
-    and ``V`` (``options.check_target_ids``); returns ``V``. Reads only the targets."""
-    O.check_ignore_index(ignore_index)
+    and ``V`` (``inputs.check_target_ids``); returns ``V``. Reads only the targets."""
+    check_ignore_index(ignore_index)
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or packed [N, H], got shape "
                          f"{tuple(hidden.shape)}")
-    if hidden.dtype not in O.LOGIT_DTYPES:
-        names = ", ".join(str(d).replace("torch.", "") for d in O.LOGIT_DTYPES)
+    if hidden.dtype not in LOGIT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in LOGIT_DTYPES)
         raise ValueError(f"hidden must be one of {names}; got {hidden.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, H] (the LM head, nn.Linear layout), got shape "
@@ -75,53 +66,57 @@ def check_linear_inputs(hidden, weight, bias, target_ids, ignore_index):
             raise ValueError(f"bias is {bias.dtype} but hidden is {hidden.dtype}")
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden on {hidden.device}")
-    O.check_target_ids(target_ids, hidden.shape[:-1], V, hidden.device, ignore_index,
-                       source="hidden", source_shape=hidden.shape)
+    check_target_ids(target_ids, hidden.shape[:-1], V, hidden.device, ignore_index,
+                     source="hidden", source_shape=hidden.shape)
     return V
 
 
-def _wants(hidden, weight, bias):
+def _wants(hidden: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor]) -> Tuple[bool, bool, bool]:
     on = torch.is_grad_enabled()
     return (on and hidden.requires_grad, on and weight.requires_grad,
             on and bias is not None and bias.requires_grad)
 
 
 # --------------------------------------------------------------------------- the loss
-class FusedLinearHAPOLoss(torch.autograd.Function):
-    """``FusedLinearHAPOLoss.apply(hidden, weight, bias, rows, opts, chunks, wants,
-    fp32_accumulate)``: ``hidden`` ``[N, H]``, ``rows`` a validated ``cpu.loss.RowInputs``,
+class FusedLinearHAPOLossFunction(torch.autograd.Function):
+    """``apply(hidden, weight, bias, inputs, opts, chunks, wants, fp32_accumulate)``:
+    ``hidden`` ``[N, H]``, ``inputs`` a validated ``LossInputs``,
     ``wants`` which of hidden / weight / bias autograd will ask for (decided outside: grad
     mode is off inside ``forward``). Returns ``(loss, per_token_loss, logp, entropy, ratio,
-    clip_low, clip_high, kl)`` like ``FusedHAPOLoss``; only ``loss`` is differentiable.
+    clip_low, clip_high, kl)`` like ``FusedHAPOLossFunction``; only ``loss`` is
+    differentiable.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows: RowInputs, opts: O.LossOptions,
-                chunks: impl.Chunks, wants, fp32_accumulate: bool):
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor], inputs: LossInputs, opts: LossOptions,
+                chunks: head.Chunks, wants: Tuple[bool, bool, bool],
+                fp32_accumulate: bool) -> tuple:
         device, n = hidden.device, hidden.shape[0]
-        out = per_token_buffers(n, rows.ref_logp is not None, device, _empty)
-        grads = impl.Grads(hidden, weight, bias, *wants, fp32_accumulate, _empty)
-        loss_ops, logprob_ops = _ops(hidden)
+        out = TokenResults.allocate(n, inputs.ref_logp is not None, device)
+        grads = head.Grads(hidden, weight, bias, *wants, fp32_accumulate)
+        backend = backend_for(hidden)
         V = weight.shape[0]
-        if opts.importance_sampling == "token" and not chunks.split(V):
-            impl.fused_pass(hidden, weight, bias, rows, opts, out, grads, chunks, loss_ops)
+        if not opts.sequence_level and not chunks.split(V):
+            head.fused_pass(hidden, weight, bias, inputs, opts, out, grads, chunks, backend)
         else:
             # Sequence-level ratios couple tokens of different chunks, and vocabulary blocks
-            # need every block's statistics first: ``sequence_level``'s stats pass, [B, T]
-            # objective and gradient pass, the logits made twice (masked rows skipped).
-            targets = torch.where(rows.valid, rows.targets,
-                                  torch.full_like(rows.targets, rows.ignore_index))
-            sequence_level(hidden, dataclasses.replace(rows, targets=targets), opts, out,
-                           grads if grads.any else None,
-                           impl.HeadOps(weight, bias, chunks, logprob_ops))
+            # need every block's statistics first: the two-pass loss (statistics, [B, T]
+            # objective, gradient), the logits made twice (masked rows skipped).
+            targets = torch.where(inputs.valid, inputs.targets,
+                                  torch.full_like(inputs.targets, inputs.ignore_index))
+            two_pass_loss(hidden, dataclasses.replace(inputs, targets=targets), opts, out,
+                          grads if grads.any else None,
+                          head.HeadOps(weight, bias, chunks, backend))
         # Kept on ctx, not save_for_backward: the backward hands them over and drops its own
         # reference, so autograd can adopt them as .grad without a copy (no second [V, H]).
         ctx.grads = grads.finish()
-        return loss_and_extras(ctx, out, device)
+        return finish_forward(ctx, out, device)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss, *_):
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple:
         if ctx.grads is None:
             raise RuntimeError("fused_linear_hapo_loss: backward ran twice; its gradients are "
                                "computed once in the forward and handed over by the first")
@@ -131,18 +126,24 @@ class FusedLinearHAPOLoss(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-def fused_linear_hapo_loss(hidden, weight, target_ids, advantages=None, bias=None,
-                           chunk_size=None, *, mask=None, old_logp=None, ref_logp=None,
-                           teacher_mask=None, temperature=1.0, eps_low=0.2, eps_high=0.2,
-                           dual_clip=None, beta=0.0, entropy_coef=0.0,
-                           importance_sampling="token", teacher_objective="shaped",
-                           teacher_gamma=O.TEACHER_GAMMA, sft_weight=1.0,
-                           aggregation="token-mean", normalizer=None, max_len=None,
-                           inplace_grad=False, ignore_index=O.IGNORE_INDEX, rewards=None,
-                           group_size=None, scale="group", stats="all", eps=O.ADVANTAGE_EPS,
-                           inject=None, teacher_reward=O.TEACHER_REWARD, cu_seqlens=None,
-                           process_group=None, vocab_chunk_size=None,
-                           fp32_accumulate=True) -> LossOutput:
+def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
+                           target_ids: torch.Tensor,
+                           advantages: Optional[torch.Tensor] = None,
+                           bias: Optional[torch.Tensor] = None,
+                           chunk_size: Optional[int] = None, *,
+                           mask: Optional[torch.Tensor] = None,
+                           old_logp: Optional[torch.Tensor] = None,
+                           ref_logp: Optional[torch.Tensor] = None,
+                           teacher_mask: Optional[torch.Tensor] = None,
+                           options: Optional[LossOptions] = None,
+                           advantage_options: Optional[AdvantageOptions] = None,
+                           inplace_grad: bool = False, ignore_index: int = IGNORE_INDEX,
+                           rewards: Optional[torch.Tensor] = None,
+                           group_size: Optional[int] = None,
+                           inject: Optional[torch.Tensor] = None,
+                           cu_seqlens: Optional[torch.Tensor] = None,
+                           process_group: Any = None, vocab_chunk_size: Optional[int] = None,
+                           fp32_accumulate: bool = True, **option_values: Any) -> LossOutput:
     """``fused_hapo_loss(hidden @ weight.T + bias, ...)`` without ever holding the logits.
 
     ``hidden`` ``[B, T, H]`` (targets ``[B, T]``) or packed ``[N, H]`` (targets ``[N]``);
@@ -167,39 +168,36 @@ def fused_linear_hapo_loss(hidden, weight, target_ids, advantages=None, bias=Non
     make each chunk's logits once; sequence-level ratios (GSPO) or vocabulary blocks make
     them twice (a statistics pass, then the gradient pass).
     """
-    O.check_bool("inplace_grad", inplace_grad)
-    O.check_bool("fp32_accumulate", fp32_accumulate)
+    opts, adv_opts = split_options(option_values, options, advantage_options)
+    check_bool("inplace_grad", inplace_grad)
+    check_bool("fp32_accumulate", fp32_accumulate)
     V = check_linear_inputs(hidden, weight, bias, target_ids, ignore_index)
-    chunks = impl.plan_chunks(target_ids.numel(), V, hidden.device, hidden.dtype, chunk_size,
+    chunks = head.plan_chunks(target_ids.numel(), V, hidden.device, hidden.dtype, chunk_size,
                               vocab_chunk_size)
-    prep = prepare_rows(
-        hidden, target_ids, advantages, source_name="hidden", ignore_index=ignore_index,
-        mask=mask, old_logp=old_logp, ref_logp=ref_logp, teacher_mask=teacher_mask,
-        rewards=rewards, group_size=group_size, scale=scale, stats=stats, eps=eps,
-        inject=inject, teacher_reward=teacher_reward, cu_seqlens=cu_seqlens,
-        process_group=process_group, temperature=temperature,
-        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta,
-        entropy_coef=entropy_coef, importance_sampling=importance_sampling,
-        teacher_objective=teacher_objective, teacher_gamma=teacher_gamma,
-        sft_weight=sft_weight, aggregation=aggregation, normalizer=normalizer,
-        max_len=max_len)
-    results = FusedLinearHAPOLoss.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, prep.rows, prep.opts, chunks,
+    inputs = prepare_loss(
+        hidden, target_ids, advantages, opts, adv_opts, source_name="hidden",
+        ignore_index=ignore_index, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
+        teacher_mask=teacher_mask, rewards=rewards, group_size=group_size, inject=inject,
+        cu_seqlens=cu_seqlens, process_group=process_group)
+    results = FusedLinearHAPOLossFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, inputs, opts, chunks,
         _wants(hidden, weight, bias), fp32_accumulate)
-    return loss_output(results, prep)
+    return loss_output(results, inputs)
 
 
 # --------------------------------------------------------------------------- log-probs
-class FusedLinearSelectiveLogSoftmax(torch.autograd.Function):
+class FusedLinearSelectiveLogSoftmaxFunction(torch.autograd.Function):
     """``(logp, entropy)`` float32 ``[N]`` of ``hidden2d @ weight.T + bias``; the forward keeps
     four floats per row, the backward makes the logits again chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, chunks):
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor], targets: torch.Tensor, temperature: float,
+                ignore_index: int, chunks: head.Chunks) -> Tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
-        stats = tuple(_empty(n, torch.float32, hidden.device) for _ in range(4))
-        impl.stats_pass(hidden, weight, bias, targets, temperature, ignore_index, chunks,
-                        _ops(hidden)[1], stats)
+        stats = tuple(new_buffer(n, torch.float32, hidden.device) for _ in range(4))
+        head.stats_pass(hidden, weight, bias, targets, temperature, ignore_index, chunks,
+                        backend_for(hidden), stats)
         logp, ent, lse, spz = stats
         ctx.save_for_backward(hidden, weight, bias, targets, lse, spz)
         ctx.args = (temperature, ignore_index, chunks)
@@ -208,23 +206,27 @@ class FusedLinearSelectiveLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx: Any, g_logp: Optional[torch.Tensor],
+                 g_ent: Optional[torch.Tensor]) -> tuple:
         hidden, weight, bias, targets, lse, spz = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         if not any(need) or (g_logp is None and g_ent is None):
             return (None,) * 7
         temperature, ignore_index, chunks = ctx.args
-        grads = impl.Grads(hidden, weight, bias, *need, True, _empty)
-        impl.grad_pass(hidden, weight, bias, targets, lse, spz,
+        grads = head.Grads(hidden, weight, bias, *need, True)
+        head.grad_pass(hidden, weight, bias, targets, lse, spz,
                        None if g_logp is None else g_logp.float().contiguous(),
                        None if g_ent is None else g_ent.float().contiguous(),
-                       temperature, ignore_index, chunks, _ops(hidden)[1], grads)
+                       temperature, ignore_index, chunks, backend_for(hidden), grads)
         return (*grads.finish(), None, None, None, None)
 
 
-def fused_linear_selective_log_softmax(hidden, weight, target_ids, bias=None, temperature=1.0,
-                                       return_entropy=False, ignore_index=O.IGNORE_INDEX,
-                                       chunk_size=None, vocab_chunk_size=None):
+def fused_linear_selective_log_softmax(
+        hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor,
+        bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+        return_entropy: bool = False, ignore_index: int = IGNORE_INDEX,
+        chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """``selective_log_softmax(hidden @ weight.T + bias, target_ids, ...)`` chunk by chunk.
 
     Same shapes as ``fused_linear_hapo_loss``; returns float32 ``logp`` of ``target_ids``'
@@ -233,13 +235,42 @@ def fused_linear_selective_log_softmax(hidden, weight, target_ids, bias=None, te
     than the materialised path) and holds only one chunk of them. Chunking as in
     ``fused_linear_hapo_loss``.
     """
-    temperature = O.check_temperature(temperature)
+    temperature = check_temperature(temperature)
+    check_bool("return_entropy", return_entropy)
     V = check_linear_inputs(hidden, weight, bias, target_ids, ignore_index)
-    chunks = impl.plan_chunks(target_ids.numel(), V, hidden.device, hidden.dtype, chunk_size,
+    chunks = head.plan_chunks(target_ids.numel(), V, hidden.device, hidden.dtype, chunk_size,
                               vocab_chunk_size)
-    logp, ent = FusedLinearSelectiveLogSoftmax.apply(
+    logp, ent = FusedLinearSelectiveLogSoftmaxFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias,
         target_ids.reshape(-1).contiguous(), temperature, ignore_index, chunks)
     shape = target_ids.shape
     logp, ent = logp.reshape(shape), ent.reshape(shape)
     return (logp, ent) if return_entropy else logp
+
+
+class FusedLinearHAPOLoss(nn.Module):
+    """``fused_linear_hapo_loss`` as a module over an LM head's ``weight`` / ``bias``.
+
+    ``FusedLinearHAPOLoss(beta=0.04)`` or ``(options=opts, chunk_size=...)``;
+    ``forward(hidden, weight, target_ids, advantages, bias=None, **call_options)`` returns
+    the ``LossOutput``; ``call_options`` are per-call keywords of ``fused_linear_hapo_loss``.
+    """
+
+    def __init__(self, options: Optional[LossOptions] = None, *,
+                 chunk_size: Optional[int] = None, fp32_accumulate: bool = True,
+                 **option_values: Any):
+        super().__init__()
+        self.options, self.advantage_options = split_options(option_values, options)
+        self.chunk_size = chunk_size
+        self.fp32_accumulate = check_bool("fp32_accumulate", fp32_accumulate)
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor,
+                advantages: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None, **call_options: Any) -> LossOutput:
+        """The loss of ``hidden @ weight.T + bias`` (see ``fused_linear_hapo_loss``)."""
+        call_options.setdefault("chunk_size", self.chunk_size)
+        call_options.setdefault("fp32_accumulate", self.fp32_accumulate)
+        return fused_linear_hapo_loss(hidden, weight, target_ids, advantages, bias,
+                                      options=self.options,
+                                      advantage_options=self.advantage_options,
+                                      **call_options)

@@ -1,4 +1,4 @@
-"""``selective_log_softmax``: log-probabilities (and entropy) of target tokens (DESIGN 3, 8).
+"""``selective_log_softmax``: log-probabilities (and entropy) of target tokens (docs/design.md sections 3, 8).
 
 A drop-in for TRL's ``selective_log_softmax`` and verl's ``logprobs_from_logits`` that never
 materialises the ``[tokens, vocab]`` log-softmax: the forward reads the logits once and keeps
@@ -9,23 +9,18 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import options as O
-from .cpu import logprobs as cpu_logprobs
-from .dispatch import backend_for
+from typing import Any, Optional, Tuple, Union
+
+from torch import nn
+
+from .backends import Backend, backend_for
+from .distributed import VocabParallelOps, vocab_shard
+from .inputs import check_logits_and_targets
+from .options import IGNORE_INDEX, check_bool, check_temperature
 from .packed import packed_segments
 
 
-def _impl(backend):
-    """A backend's module by name, or an object with the same API (vocab-parallel ops)."""
-    if not isinstance(backend, str):
-        return backend
-    if backend == "cpu":
-        return cpu_logprobs
-    from .triton import logprobs as triton_logprobs   # imported lazily: triton is optional
-    return triton_logprobs
-
-
-class SelectiveLogSoftmax(torch.autograd.Function):
+class SelectiveLogSoftmaxFunction(torch.autograd.Function):
     """``(logp, entropy)`` float32 of ``target_ids``' shape; differentiable w.r.t. logits.
 
     Inputs must be validated (``selective_log_softmax`` does it). Gradients flow through
@@ -33,13 +28,13 @@ class SelectiveLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target_ids, temperature, ignore_index, backend,
-                need_entropy=True):
-        impl = _impl(backend)
+    def forward(ctx: Any, logits: torch.Tensor, target_ids: torch.Tensor, temperature: float,
+                ignore_index: int, backend: Backend,
+                need_entropy: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         # Without the entropy output (need_entropy=False) its gradient is never asked for.
         kw = {} if need_entropy else {"need_entropy": False}
-        logp, ent, lse, spz = impl.row_stats(logits, target_ids, temperature, ignore_index,
-                                             **kw)
+        logp, ent, lse, spz = backend.row_stats(logits, target_ids, temperature, ignore_index,
+                                                **kw)
         ctx.save_for_backward(logits, target_ids, lse, spz)
         ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
         ctx.set_materialize_grads(False)
@@ -48,17 +43,22 @@ class SelectiveLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx: Any, g_logp: Optional[torch.Tensor],
+                 g_ent: Optional[torch.Tensor]) -> tuple:
         logits, target_ids, lse, spz = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
             return None, None, None, None, None, None
-        grad = _impl(ctx.backend).grad_logits(logits, target_ids, lse, spz, g_logp, g_ent,
-                                             ctx.temperature, ctx.ignore_index)
+        grad = ctx.backend.grad_logits(logits, target_ids, lse, spz, g_logp, g_ent,
+                                       ctx.temperature, ctx.ignore_index)
         return grad, None, None, None, None, None
 
 
-def selective_log_softmax(logits, target_ids, temperature=1.0, ignore_index=O.IGNORE_INDEX,
-                          return_entropy=False, *, cu_seqlens=None, vocab_parallel_group=None):
+def selective_log_softmax(logits: torch.Tensor, target_ids: torch.Tensor,
+                          temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
+                          return_entropy: bool = False, *,
+                          cu_seqlens: Optional[torch.Tensor] = None,
+                          vocab_parallel_group: Any = None
+                          ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Log-probability of each target token under ``softmax(logits / temperature)``.
 
     ``logits`` ``[B, T, V]`` (strided views such as ``logits[:, :-1]`` are read in place) with
@@ -74,18 +74,36 @@ def selective_log_softmax(logits, target_ids, temperature=1.0, ignore_index=O.IG
     the unsharded ``logp`` / entropy and, from a loss computed the same way on every rank,
     the gradient of its own slice (``hapo_kernels.distributed``).
     """
-    shard = None
-    if vocab_parallel_group is not None:
-        from .distributed import vocab_shard
-        shard = vocab_shard(logits, vocab_parallel_group)
-    O.check_logits_and_targets(logits, target_ids, ignore_index,
-                               vocab_size=None if shard is None else shard.vocab_size)
+    check_bool("return_entropy", return_entropy)
+    shard = None if vocab_parallel_group is None else vocab_shard(logits, vocab_parallel_group)
+    check_logits_and_targets(logits, target_ids, ignore_index,
+                             vocab_size=None if shard is None else shard.vocab_size)
     packed_segments(logits, target_ids, cu_seqlens)
-    temperature = O.check_temperature(temperature)
+    temperature = check_temperature(temperature)
     backend = backend_for(logits)
     if shard is not None:
-        from .distributed import VocabParallelOps
-        backend = VocabParallelOps(_impl(backend), shard)
-    logp, ent = SelectiveLogSoftmax.apply(logits, target_ids, temperature, ignore_index,
-                                          backend, return_entropy or shard is not None)
+        backend = VocabParallelOps(backend, shard)
+    logp, ent = SelectiveLogSoftmaxFunction.apply(logits, target_ids, temperature,
+                                                  ignore_index, backend,
+                                                  return_entropy or shard is not None)
     return (logp, ent) if return_entropy else logp
+
+
+class SelectiveLogSoftmax(nn.Module):
+    """``selective_log_softmax`` as a module (``temperature`` and ``return_entropy`` fixed)."""
+
+    def __init__(self, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
+                 return_entropy: bool = False):
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.ignore_index = ignore_index
+        self.return_entropy = check_bool("return_entropy", return_entropy)
+
+    def forward(self, logits: torch.Tensor, target_ids: torch.Tensor, **kwargs: Any
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Log-probabilities of ``target_ids`` (see ``selective_log_softmax``)."""
+        return selective_log_softmax(logits, target_ids, self.temperature, self.ignore_index,
+                                     self.return_entropy, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, return_entropy={self.return_entropy}"

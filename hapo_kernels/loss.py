@@ -1,89 +1,72 @@
-"""``fused_hapo_loss`` / ``FusedHAPOLoss``: the HAPO/GRPO loss and its gradient in one pass.
+"""``fused_hapo_loss``: the GRPO/HAPO loss and its gradient in one pass over the logits.
 
-DESIGN sections 3-5 and 8. Inputs are validated (``options``), the aggregation weights are
-computed from the mask before the launch (``aggregation``: ``loss = sum w * l``), and the
-forward writes the gradient of the logits at the same time as the loss (Triton kernel on
-CUDA or under ``TRITON_INTERPRET=1``, chunked torch on CPU). The backward only scales the
-saved gradient by ``grad_output``, and skips even that when ``grad_output`` is exactly 1.
+docs/design.md sections 3-5 and 8. The options become one ``LossOptions``; the tensors are
+checked and laid out once (``inputs.loss_inputs``, with the aggregation weights, so that
+``loss = sum w * l``); the forward writes the gradient of the logits at the same time as the
+loss (``run_loss``: the backend's fused token-level pass, or ``twopass.two_pass_loss`` where
+a token needs its sequence or other ranks). The backward only scales the saved gradient by
+``grad_output``, and skips even that when ``grad_output`` is exactly 1.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from . import distributed
-from . import options as O
 from .advantages import group_advantages
-from .aggregation import aggregation_weights
-from .cpu.loss import RowInputs
-from .dispatch import backend_for
-from .logprobs import _impl as _logprobs_impl
-from .outputs import LossOutput
-from .packed import packed_segments, per_token
-
-PER_TOKEN = ("loss", "logp", "entropy", "ratio", "clip_low", "clip_high", "kl")
+from .backends import backend_for
+from .inputs import LossInputs, add_teachers, check_logits_and_targets, loss_inputs
+from .options import IGNORE_INDEX, AdvantageOptions, LossOptions, check_bool, split_options
+from .outputs import LossOutput, TokenResults, new_buffer
+from .packed import packed_segments
+from .twopass import two_pass_loss
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Every buffer the loss writes comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def run_loss(logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
+             out: TokenResults, grad: Optional[torch.Tensor]) -> None:
+    """The loss into ``out`` and ``dL/dlogits`` into ``grad`` (when given), on the backend
+    that serves ``logits``: one fused pass where each token needs only its own row."""
+    backend = backend_for(logits)
+    if inputs.vocab_shard is not None:     # a vocabulary slice: all-reduced statistics
+        two_pass_loss(logits, inputs, opts, out, grad,
+                      distributed.VocabParallelOps(backend, inputs.vocab_shard))
+    elif opts.sequence_level:
+        two_pass_loss(logits, inputs, opts, out, grad, backend)
+    else:
+        backend.token_loss(logits, inputs, opts, out, grad)
 
 
-def per_token_buffers(n: int, has_ref: bool, device, empty) -> dict:
-    """The flat ``[n]`` outputs a loss pass writes (``PER_TOKEN``; ``kl`` None without
-    ``ref_logp``), from ``empty`` (each module's poisonable ``_empty``)."""
-    out = {k: empty(n, torch.int8 if k.startswith("clip") else torch.float32, device)
-           for k in PER_TOKEN if k != "kl" or has_ref}
-    out.setdefault("kl", None)
-    return out
-
-
-def loss_and_extras(ctx, out: dict, device) -> tuple:
-    """A loss Function's outputs from its filled buffers: ``(loss,)`` then ``PER_TOKEN``
-    (``kl`` empty without ``ref_logp``), the per-token ones marked non-differentiable."""
-    loss = out["loss"].sum(dtype=torch.float64).to(torch.float32)
-    kl = out["kl"] if out["kl"] is not None else torch.empty(0, device=device)
-    extras = tuple(out[k] for k in PER_TOKEN if k != "kl") + (kl,)
+def finish_forward(ctx: Any, out: TokenResults, device: torch.device) -> tuple:
+    """A loss Function's outputs: the summed loss, then ``out.as_tuple`` (non-differentiable)."""
+    loss = out.loss.sum(dtype=torch.float64).to(torch.float32)
+    extras = out.as_tuple(device)
     ctx.mark_non_differentiable(*extras)
     return (loss,) + extras
 
 
-def _backend(logits):
-    if backend_for(logits) == "triton":
-        from .triton import loss as impl
-    else:
-        from .cpu import loss as impl
-    return impl
-
-
-class FusedHAPOLoss(torch.autograd.Function):
+class FusedHAPOLossFunction(torch.autograd.Function):
     """The autograd Function behind ``fused_hapo_loss``.
 
-    ``FusedHAPOLoss.apply(logits, rows, opts, inplace_grad, grad_wanted)`` with ``rows`` a
-    ``cpu.loss.RowInputs`` (validated, flat per-token inputs and aggregation weights) and
-    ``opts`` an ``options.LossOptions``; ``grad_wanted`` is whether autograd will want the
-    gradient (grad mode on and ``logits.requires_grad``: inside ``forward`` grad mode is
-    always off, and ``needs_input_grad`` ignores ``torch.no_grad``). Returns ``(loss,
-    per_token_loss, logp, entropy, ratio, clip_low, clip_high, kl)``: ``loss`` is
-    differentiable w.r.t. ``logits``, the rest are flat ``[rows]`` float32 (clip flags int8;
-    ``kl`` empty without ``ref_logp``).
+    ``apply(logits, inputs, opts, inplace_grad, grad_wanted)`` with ``inputs`` a
+    ``LossInputs`` and ``opts`` a ``LossOptions``; ``grad_wanted`` says whether autograd
+    will want the gradient (grad mode on and ``logits.requires_grad``: inside ``forward``
+    grad mode is always off). Returns ``(loss, per_token_loss, logp, entropy, ratio,
+    clip_low, clip_high, kl)``: ``loss`` is differentiable w.r.t. ``logits``, the rest are
+    flat ``[rows]`` float32 (clip flags int8; ``kl`` empty without ``ref_logp``).
     """
 
     @staticmethod
-    def forward(ctx, logits, rows: RowInputs, opts: O.LossOptions, inplace_grad: bool,
-                grad_wanted: bool = True):
-        device, n = logits.device, rows.B * rows.T
-        out = per_token_buffers(n, rows.ref_logp is not None, device, _empty)
+    def forward(ctx: Any, logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
+                inplace_grad: bool, grad_wanted: bool = True) -> tuple:
+        device = logits.device
+        out = TokenResults.allocate(inputs.rows, inputs.ref_logp is not None, device)
         need_grad = ctx.needs_input_grad[0] and grad_wanted
         grad = None
         if need_grad:
-            grad = logits if inplace_grad else _empty(logits.shape, logits.dtype, device)
-        if rows.vocab_shard is None:
-            _backend(logits).hapo_loss_rows(logits, rows, opts, out, grad)
-        else:                       # a vocabulary slice: all-reduced stats, slice gradient
-            distributed.hapo_loss_rows(logits, rows, opts, out, grad,
-                                       _logprobs_impl(backend_for(logits)), rows.vocab_shard)
+            grad = logits if inplace_grad else new_buffer(logits.shape, logits.dtype, device)
+        run_loss(logits, inputs, opts, out, grad)
         if need_grad and inplace_grad:
             # The logits now hold their gradient. Bump the version counter so that autograd
             # refuses any other use of them that saved them (no silent wrong gradients).
@@ -91,10 +74,10 @@ class FusedHAPOLoss(torch.autograd.Function):
         ctx.inplace = inplace_grad
         if grad is not None:
             ctx.save_for_backward(grad)
-        return loss_and_extras(ctx, out, device)
+        return finish_forward(ctx, out, device)
 
     @staticmethod
-    def backward(ctx, grad_loss, *_):
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple:
         (grad,) = ctx.saved_tensors
         if grad_loss is not None and float(grad_loss) != 1.0:
             g = grad_loss.to(grad.dtype)
@@ -104,167 +87,174 @@ class FusedHAPOLoss(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _rewards_to_advantages(rewards, group_size, inject, teacher_reward, scale, stats, eps,
-                           n_seq, device, source, process_group=None):
-    if group_size is None:
-        raise ValueError("rewards= needs group_size= (rollouts per prompt)")
-    if not isinstance(rewards, torch.Tensor):
-        raise ValueError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
-    if tuple(rewards.shape) != (n_seq,):
-        raise ValueError(f"rewards must have shape ({n_seq},) (one per sequence), got "
-                         f"{tuple(rewards.shape)}")
-    if rewards.device != device:
-        raise ValueError(f"rewards is on {rewards.device} but {source} on {device}")
-    return group_advantages(rewards, group_size, inject=inject, teacher_reward=teacher_reward,
-                            scale=scale, stats=stats, eps=eps, process_group=process_group)
-
-
-def _ssi_teachers(replaced, group_size, n_seq, segments, device, process_group):
-    """The members SSI replaced (global sequence index ``p * G + replaced[p]``) are teachers:
-    ``[S]`` flags for this rank's sequences, ``[N]`` per token of a packed batch."""
+def _ssi_teachers(replaced: torch.Tensor, group_size: int, n_seq: int, device: torch.device,
+                  process_group: Any) -> torch.Tensor:
+    """The members SSI replaced (global sequence index ``p * G + replaced[p]``) are
+    teachers: ``[n_seq]`` flags for this rank's sequences."""
     start = 0
     if process_group is not None:
         start = distributed.rank_offset(n_seq, device, process_group)
     seq = torch.arange(start, start + n_seq, device=device)
-    hit = replaced[seq // group_size] == seq % group_size
-    return hit if segments is None else segments.broadcast(hit)
+    return replaced[seq // group_size] == seq % group_size
 
 
-class PreparedRows(NamedTuple):
-    """What ``prepare_rows`` returns: everything a loss Function and ``loss_output`` need."""
-    opts: O.LossOptions
-    rows: RowInputs
-    advantages: Optional[torch.Tensor]  # computed from rewards= (detached), else None
-    replaced: Optional[torch.Tensor]    # SSI's replaced member per group, or None
-    batch_shape: tuple                  # the caller's target shape, for per-token outputs
-
-
-def prepare_rows(source, target_ids, advantages, *, source_name, ignore_index, mask,
-                 old_logp, ref_logp, teacher_mask, rewards, group_size, scale, stats, eps,
-                 inject, teacher_reward, cu_seqlens, process_group, vocab_shard=None,
-                 **loss_options) -> PreparedRows:
-    """The loss's inputs as validated flat rows: shared by ``fused_hapo_loss`` and
+def prepare_loss(source: torch.Tensor, target_ids: torch.Tensor,
+                 advantages: Optional[torch.Tensor], opts: LossOptions,
+                 adv_opts: AdvantageOptions, *, source_name: str, ignore_index: int,
+                 mask: Optional[torch.Tensor], old_logp: Optional[torch.Tensor],
+                 ref_logp: Optional[torch.Tensor], teacher_mask: Optional[torch.Tensor],
+                 rewards: Optional[torch.Tensor], group_size: Optional[int],
+                 inject: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                 process_group: Any, vocab_shard: Any = None) -> LossInputs:
+    """The loss's ``LossInputs`` from a caller's arguments; shared by ``fused_hapo_loss`` and
     ``linear.fused_linear_hapo_loss`` (same arguments, same meaning).
 
-    ``source`` (named ``source_name`` in errors) is the logits or the fused head's hidden
-    states, ``[B, T, *]`` or packed ``[N, *]``, whose shape and device the caller has already
-    checked ``target_ids`` against; only its rank and device are read. ``loss_options`` are
-    ``options.parse_loss_options``' arguments. Runs ``group_advantages`` for ``rewards=``;
-    every other step only validates and lays out.
+    ``source`` is the logits or the fused head's hidden states, whose shape and device the
+    caller has already checked ``target_ids`` against. Runs ``group_advantages`` for
+    ``rewards=``; every other step only validates and lays out.
     """
-    opts = O.parse_loss_options(**loss_options)
-    device = source.device
     segments = packed_segments(source, target_ids, cu_seqlens)
-    if segments is not None:
-        n_seq = segments.count
-    else:
-        n_seq = target_ids.shape[0] if target_ids.dim() == 2 else 1
-    replaced = None
+    n_seq = segments.count if segments is not None else (
+        target_ids.shape[0] if target_ids.dim() == 2 else 1)
+    replaced = computed = None
     if rewards is not None:
         if advantages is not None:
             raise ValueError("pass either advantages or rewards= (with group_size=), not both")
-        advantages, replaced = _rewards_to_advantages(
-            rewards, group_size, inject, teacher_reward, scale, stats, eps,
-            n_seq, device, source_name, process_group)
+        if group_size is None:
+            raise ValueError("rewards= needs group_size= (rollouts per prompt)")
+        if not isinstance(rewards, torch.Tensor) or tuple(rewards.shape) != (n_seq,):
+            raise ValueError(f"rewards must be a tensor of shape ({n_seq},) (one per "
+                             f"sequence), got {getattr(rewards, 'shape', type(rewards).__name__)}")
+        if rewards.device != source.device:
+            raise ValueError(f"rewards is on {rewards.device} but {source_name} on "
+                             f"{source.device}")
+        advantages, replaced = group_advantages(rewards, group_size, inject,
+                                                options=adv_opts, process_group=process_group)
+        computed = advantages.detach()
     elif group_size is not None or inject is not None:
         raise ValueError("group_size= and inject= go with rewards=; got advantages instead")
-    t = O.check_token_tensors(target_ids, per_token("advantages", advantages, segments),
-                              mask=mask, old_logp=old_logp, ref_logp=ref_logp,
-                              teacher_mask=per_token("teacher_mask", teacher_mask, segments),
-                              ignore_index=ignore_index, opts=opts, device=device,
-                              source=source_name)
-    B, T = t.targets.shape
-    teacher = t.teacher
+    inputs = loss_inputs(source, target_ids, advantages, opts, source_name=source_name,
+                         ignore_index=ignore_index, mask=mask, old_logp=old_logp,
+                         ref_logp=ref_logp, teacher_mask=teacher_mask, segments=segments,
+                         process_group=process_group, vocab_shard=vocab_shard,
+                         replaced=replaced, computed_advantages=computed)
     if replaced is not None and inject is not None:
-        hit = _ssi_teachers(replaced, group_size, n_seq, segments, device, process_group)
-        teacher = teacher | (hit[:, None] if segments is None else hit.view(B, T))
-    weights = aggregation_weights(t.valid if segments is None else t.valid.reshape(-1), opts,
-                                  segments, process_group)
-
-    def flat(x, dtype=torch.float32):
-        return None if x is None else x.reshape(-1).to(dtype).contiguous()
-
-    rows = RowInputs(B=B, T=T, targets=t.targets.reshape(-1).contiguous(),
-                     ignore_index=int(ignore_index), valid=flat(t.valid, torch.bool),
-                     advantages=flat(t.advantages), old_logp=flat(t.old_logp),
-                     ref_logp=flat(t.ref_logp), teacher=flat(teacher, torch.bool),
-                     weights=flat(weights), segments=segments, vocab_shard=vocab_shard)
-    computed = advantages.detach() if rewards is not None else None
-    return PreparedRows(opts, rows, computed, replaced, t.batch_shape)
+        add_teachers(inputs, _ssi_teachers(replaced, group_size, n_seq, source.device,
+                                           process_group))
+    return inputs
 
 
-def loss_output(results, prep: PreparedRows) -> LossOutput:
+def loss_output(results: tuple, inputs: LossInputs) -> LossOutput:
     """``LossOutput`` from a loss Function's ``(loss, per_token_loss, logp, entropy, ratio,
     clip_low, clip_high, kl)``: per-token outputs in the caller's shape, masked means."""
     loss, _, logp, ent, ratio, clip_lo, clip_hi, kl = results
-    rows = prep.rows
-    m = rows.valid.to(torch.float32)
+    m = inputs.valid.to(torch.float32)
     count = m.sum().clamp(min=1.0)
+    has_kl = inputs.ref_logp is not None
+    shape = inputs.batch_shape
 
     def mean(x):
         return (x.to(torch.float32) * m).sum() / count
 
     return LossOutput(
         loss=loss,
-        per_token_logp=logp.reshape(prep.batch_shape),
-        per_token_entropy=ent.reshape(prep.batch_shape),
-        logp=mean(logp), entropy=mean(ent),
-        kl=mean(kl) if rows.ref_logp is not None else None,
+        per_token_logp=logp.reshape(shape), per_token_entropy=ent.reshape(shape),
+        logp=mean(logp), entropy=mean(ent), kl=mean(kl) if has_kl else None,
         clip_low=mean(clip_lo), clip_high=mean(clip_hi), ratio=mean(ratio),
-        teacher_fraction=mean(rows.teacher),
-        advantages=prep.advantages, replaced=prep.replaced,
+        teacher_fraction=mean(inputs.teacher),
+        advantages=inputs.computed_advantages, replaced=inputs.replaced,
+        per_token_ratio=ratio.reshape(shape),
+        per_token_kl=kl.reshape(shape) if has_kl else None,
+        per_token_clip_low=clip_lo.bool().reshape(shape),
+        per_token_clip_high=clip_hi.bool().reshape(shape),
     )
 
 
-def fused_hapo_loss(logits, target_ids, advantages=None, mask=None, old_logp=None,
-                    ref_logp=None, teacher_mask=None, temperature=1.0, eps_low=0.2,
-                    eps_high=0.2, dual_clip=None, beta=0.0, entropy_coef=0.0,
-                    importance_sampling="token", teacher_objective="shaped",
-                    teacher_gamma=O.TEACHER_GAMMA, sft_weight=1.0, aggregation="token-mean",
-                    normalizer=None, max_len=None, inplace_grad=False,
-                    ignore_index=O.IGNORE_INDEX, *, rewards=None, group_size=None,
-                    scale="group", stats="all", eps=O.ADVANTAGE_EPS, inject=None,
-                    teacher_reward=O.TEACHER_REWARD, cu_seqlens=None,
-                    vocab_parallel_group=None, process_group=None) -> LossOutput:
-    """The HAPO/GRPO loss of DESIGN sections 3-5; ``out.loss`` is differentiable w.r.t. logits.
+def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
+                    advantages: Optional[torch.Tensor] = None,
+                    mask: Optional[torch.Tensor] = None,
+                    old_logp: Optional[torch.Tensor] = None,
+                    ref_logp: Optional[torch.Tensor] = None,
+                    teacher_mask: Optional[torch.Tensor] = None, *,
+                    options: Optional[LossOptions] = None,
+                    advantage_options: Optional[AdvantageOptions] = None,
+                    inplace_grad: bool = False, ignore_index: int = IGNORE_INDEX,
+                    rewards: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
+                    inject: Optional[torch.Tensor] = None,
+                    cu_seqlens: Optional[torch.Tensor] = None,
+                    vocab_parallel_group: Any = None, process_group: Any = None,
+                    **option_values: Any) -> LossOutput:
+    """The GRPO/HAPO loss of docs/design.md sections 3-5; ``out.loss`` is differentiable
+    w.r.t. ``logits``.
 
     ``logits`` ``[B, T, V]`` (strided views accepted without a copy) with ``target_ids``
     ``[B, T]``, or packed ``[N, V]`` with ``[N]``. ``advantages`` ``[B]`` or ``[B, T]``; or
-    instead ``rewards`` ``[B]`` with ``group_size`` (and ``scale``, ``stats``, ``eps``,
-    ``inject``, ``teacher_reward``): group advantages are computed in the call, and the
-    members replaced by SSI (``inject``) are treated as teacher tokens in addition to
-    ``teacher_mask``. ``inplace_grad=True`` writes the gradient into the logits' storage
-    (the logits are consumed; autograd refuses other saved uses of them).
+    instead ``rewards`` ``[B]`` with ``group_size`` (and ``inject``): group advantages are
+    computed in the call (``AdvantageOptions``: ``scale``, ``stats``, ``eps``,
+    ``teacher_reward``) and the members replaced by SSI are treated as teacher tokens in
+    addition to ``teacher_mask``.
 
-    Scale-out (docs/distributed.md):
-    ``cu_seqlens`` ``[S + 1]`` with packed ``[N, V]`` logits: the sequences are its
-    segments (per-sequence ``advantages``, ``teacher_mask`` and ``rewards`` are ``[S]``;
-    every aggregation and GSPO work per segment; ``max_len`` defaults to the longest
-    segment), equal to the right-padded ``[S, max_len]`` batch.
-    ``vocab_parallel_group``: ``logits`` is this rank's contiguous vocabulary slice (rank
-    order, uneven allowed), ``target_ids`` global; every rank gets the unsharded loss and
-    metrics and the gradient of its own slice.
-    ``process_group`` (data-parallel): ``aggregation="dapo"`` and ``"token-mean"`` divide
-    by the group's token count over its size (with DDP's gradient mean: the global token
-    mean); with ``rewards=``, groups may span the group's ranks (``rewards`` this rank's
-    slice, ``inject`` the whole batch's, ``out.replaced`` every group's).
+    Options: every field of ``LossOptions`` (``temperature``, ``objective``, ``eps_low``,
+    ``eps_high``, ``dual_clip``, ``beta``, ``entropy_coef``, ``importance_sampling``,
+    ``teacher_objective``, ``teacher_gamma``, ``sft_weight``, ``aggregation``,
+    ``normalizer``, ``max_len``) and of ``AdvantageOptions`` as a keyword, or the objects
+    as ``options=`` / ``advantage_options=`` (keywords then override their fields).
+    ``inplace_grad=True`` writes the gradient into the logits' storage (the logits are
+    consumed; autograd refuses other saved uses of them).
+
+    Scale-out (docs/distributed.md): ``cu_seqlens`` ``[S + 1]`` with packed ``[N, V]``
+    logits: the sequences are its segments (per-sequence inputs are ``[S]``), equal to the
+    right-padded ``[S, max_len]`` batch. ``vocab_parallel_group``: ``logits`` is this
+    rank's contiguous vocabulary slice (rank order, uneven allowed), ``target_ids`` global;
+    every rank gets the unsharded loss and metrics and the gradient of its own slice.
+    ``process_group`` (data-parallel): ``"dapo"`` and ``"token-mean"`` divide by the
+    group's token count over its size; with ``rewards=``, groups may span its ranks.
     """
-    O.check_bool("inplace_grad", inplace_grad)
+    opts, adv_opts = split_options(option_values, options, advantage_options)
+    check_bool("inplace_grad", inplace_grad)
     shard = (None if vocab_parallel_group is None
              else distributed.vocab_shard(logits, vocab_parallel_group))
-    O.check_logits_and_targets(logits, target_ids, ignore_index,
-                               vocab_size=None if shard is None else shard.vocab_size)
-    prep = prepare_rows(
-        logits, target_ids, advantages, source_name="logits", ignore_index=ignore_index,
-        mask=mask, old_logp=old_logp, ref_logp=ref_logp, teacher_mask=teacher_mask,
-        rewards=rewards, group_size=group_size, scale=scale, stats=stats, eps=eps,
-        inject=inject, teacher_reward=teacher_reward, cu_seqlens=cu_seqlens,
-        process_group=process_group, vocab_shard=shard, temperature=temperature,
-        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta=beta,
-        entropy_coef=entropy_coef, importance_sampling=importance_sampling,
-        teacher_objective=teacher_objective, teacher_gamma=teacher_gamma,
-        sft_weight=sft_weight, aggregation=aggregation, normalizer=normalizer,
-        max_len=max_len)
-    results = FusedHAPOLoss.apply(logits, prep.rows, prep.opts, inplace_grad,
-                                  torch.is_grad_enabled() and logits.requires_grad)
-    return loss_output(results, prep)
+    check_logits_and_targets(logits, target_ids, ignore_index,
+                             vocab_size=None if shard is None else shard.vocab_size)
+    inputs = prepare_loss(
+        logits, target_ids, advantages, opts, adv_opts, source_name="logits",
+        ignore_index=ignore_index, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
+        teacher_mask=teacher_mask, rewards=rewards, group_size=group_size, inject=inject,
+        cu_seqlens=cu_seqlens, process_group=process_group, vocab_shard=shard)
+    results = FusedHAPOLossFunction.apply(logits, inputs, opts, inplace_grad,
+                                          torch.is_grad_enabled() and logits.requires_grad)
+    return loss_output(results, inputs)
+
+
+class FusedHAPOLoss(nn.Module):
+    """``fused_hapo_loss`` as a module: options fixed at construction, tensors at call.
+
+    ``FusedHAPOLoss(beta=0.04, aggregation="dapo")`` or ``FusedHAPOLoss(options=opts)``;
+    ``forward(logits, target_ids, advantages, mask=None, old_logp=None, ref_logp=None,
+    teacher_mask=None, **call_options)`` returns the ``LossOutput`` (``.loss`` to
+    back-propagate). ``call_options`` are per-call keywords of ``fused_hapo_loss``
+    (``normalizer``, ``max_len``, ``cu_seqlens``, ``rewards``, ...).
+    """
+
+    def __init__(self, options: Optional[LossOptions] = None, *, inplace_grad: bool = False,
+                 **option_values: Any):
+        super().__init__()
+        self.options, self.advantage_options = split_options(option_values, options)
+        self.inplace_grad = check_bool("inplace_grad", inplace_grad)
+
+    def forward(self, logits: torch.Tensor, target_ids: torch.Tensor,
+                advantages: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None,
+                ref_logp: Optional[torch.Tensor] = None,
+                teacher_mask: Optional[torch.Tensor] = None,
+                **call_options: Any) -> LossOutput:
+        """The loss of ``logits`` (see ``fused_hapo_loss``)."""
+        call_options.setdefault("inplace_grad", self.inplace_grad)
+        return fused_hapo_loss(logits, target_ids, advantages, mask, old_logp, ref_logp,
+                               teacher_mask, options=self.options,
+                               advantage_options=self.advantage_options, **call_options)
+
+    def extra_repr(self) -> str:
+        defaults = LossOptions()
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.as_dict().items()
+                         if v != getattr(defaults, k))

@@ -1,16 +1,25 @@
-"""Option names, aliases, defaults and validation: the one source for every path.
+"""The options of the loss and of group advantages: named, defaulted and validated once.
 
-The float64 reference, the chunked CPU path and the Triton kernels all read their
-option values, integer codes and defaults from here, so that a name or a constant can
-never drift between them (DESIGN sections 3-9).
+``LossOptions`` holds every scalar option of the objective (docs/design.md sections 4-5) and
+``AdvantageOptions`` every option of group advantages (section 6). Each is built once,
+checked in ``__post_init__`` (a ``ValueError`` naming the option), and then passed whole: to
+the backends, to the Triton launcher (``LossOptions.kernel_params``), to ``HAPOConfig`` and to
+the integrations. The public functions take the same names as keyword arguments and build
+the object with ``from_kwargs``; nothing else lists the options.
+
+Adding a scalar option of an objective: a field here and its name in ``KERNEL_PARAMS``, its
+formula in ``objective.py`` and its Triton branch in ``triton/objective.py``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 import torch
+
+from .objective import OBJECTIVES, TEACHER_OBJECTIVES
 
 # --------------------------------------------------------------------------- constants
 IGNORE_INDEX = -100
@@ -18,38 +27,43 @@ TEACHER_GAMMA = 0.1          # f(p) = p / (p + gamma) for the shaped teacher obj
 ADVANTAGE_EPS = 1e-4         # A = (r - mean) / (std + eps)
 TEACHER_REWARD = 1.0
 
-# --------------------------------------------------------------------------- names
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                 "seq-mean-token-sum-norm")
 # TRL's loss_type names. "dapo" is token-mean with the global token count as normalizer.
 AGGREGATION_ALIASES = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm",
                        "bnpo": "token-mean", "dapo": "token-mean"}
 IMPORTANCE_SAMPLING = ("token", "sequence")
-TEACHER_OBJECTIVES = ("shaped", "sft", "ratio")
 SCALES = ("group", "batch", "none")
 STATS = ("all", "on-policy")
 
-# Integer codes passed to the kernels as constexprs.
-TEACHER_OBJECTIVE_CODE = {name: i for i, name in enumerate(TEACHER_OBJECTIVES)}
+# Integer codes the Triton advantage kernel takes as constexprs.
 SCALE_CODE = {name: i for i, name in enumerate(SCALES)}
 STATS_CODE = {name: i for i, name in enumerate(STATS)}
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The float64 reference also takes float64 logits, so tests can differentiate it in float64.
-REFERENCE_DTYPES = LOGIT_DTYPES + (torch.float64,)
+
+# The scalar options the Triton loss kernel reads, in the order of its ``params`` tuple.
+# ``triton/objective.py`` names each position; a new scalar option is appended here.
+KERNEL_PARAMS = ("eps_low", "eps_high", "dual_clip", "beta", "entropy_coef", "teacher_gamma",
+                 "sft_weight")
 
 
-def _choice(name: str, value, choices, aliases=None) -> str:
-    if aliases and value in aliases:
+# --------------------------------------------------------------------------- validators
+def choice(name: str, value: Any, choices: Sequence[str],
+           aliases: Optional[Mapping[str, str]] = None) -> str:
+    """``value`` if it is one of ``choices`` (or its canonical name if an alias)."""
+    if aliases and isinstance(value, str) and value in aliases:
         return aliases[value]
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         allowed = list(choices) + list(aliases or {})
         raise ValueError(f"{name}={value!r} is not one of {allowed}")
     return value
 
 
-def _number(name: str, value, *, low=None, high=None, low_open=False, high_open=False,
-            allow_none=False) -> Optional[float]:
+def number(name: str, value: Any, *, low: Optional[float] = None,
+           high: Optional[float] = None, low_open: bool = False, high_open: bool = False,
+           allow_none: bool = False) -> Optional[float]:
+    """A finite float within the bounds (``low_open``: ``> low``), or None where allowed."""
     if value is None:
         if allow_none:
             return None
@@ -58,6 +72,8 @@ def _number(name: str, value, *, low=None, high=None, low_open=False, high_open=
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -73,27 +89,92 @@ def _number(name: str, value, *, low=None, high=None, low_open=False, high_open=
     return value
 
 
-def check_temperature(temperature) -> float:
-    return _number("temperature", temperature, low=0.0, low_open=True)
+def positive_int(name: str, value: Any, *, allow_none: bool = False) -> Optional[int]:
+    """A whole number >= 1 (an integral float is accepted), or None where allowed."""
+    if value is None and allow_none:
+        return None
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value) and float(value).is_integer() and value >= 1)
+    if not ok:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_temperature(temperature: Any) -> float:
+    return number("temperature", temperature, low=0.0, low_open=True)
+
+
+def check_ignore_index(ignore_index: Any) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    return ignore_index
 
 
 def resolve_aggregation(aggregation: str) -> str:
-    return _choice("aggregation", aggregation, AGGREGATIONS, AGGREGATION_ALIASES)
+    """The canonical (verl) name of an aggregation mode or TRL alias."""
+    return choice("aggregation", aggregation, AGGREGATIONS, AGGREGATION_ALIASES)
 
 
-def check_scale(scale: str) -> str:
-    return _choice("scale", scale, SCALES)
+# --------------------------------------------------------------------------- the objects
+OptionsT = TypeVar("OptionsT", bound="_Options")
 
 
-def check_stats(stats: str) -> str:
-    return _choice("stats", stats, STATS)
+class _Options:
+    """What both option objects share: built from keywords, copied with changes."""
+
+    @classmethod
+    def names(cls) -> tuple:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_kwargs(cls: type[OptionsT], options: Optional[OptionsT] = None,
+                    **kwargs: Any) -> OptionsT:
+        """``options`` (or the defaults) with ``kwargs`` applied; unknown names raise."""
+        if options is not None and not isinstance(options, cls):
+            raise ValueError(f"options must be a {cls.__name__}, got {type(options).__name__}")
+        unknown = sorted(set(kwargs) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} option(s) {unknown}; the options are "
+                            f"{list(cls.names())}")
+        base = options if options is not None else cls()
+        return dataclasses.replace(base, **kwargs) if kwargs else base
+
+    def replace(self: OptionsT, **changes: Any) -> OptionsT:
+        return self.from_kwargs(self, **changes)
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.names()}
 
 
-# --------------------------------------------------------------------------- loss options
 @dataclass(frozen=True)
-class LossOptions:
-    """Every scalar option of the HAPO/GRPO objective, validated (DESIGN sections 4-5)."""
+class LossOptions(_Options):
+    """Every scalar option of the GRPO/HAPO objective (docs/design.md sections 4-5).
+
+    Args:
+        temperature: logits are divided by it (> 0).
+        objective: the on-policy per-token objective, a name of ``objective.OBJECTIVES``
+            (``"clip"``: PPO/GRPO/DAPO/GSPO).
+        eps_low, eps_high: the clip range ``[1 - eps_low, 1 + eps_high]``.
+        dual_clip: verl's ``clip_ratio_c`` (> 1): for ``A < 0`` the loss is at most ``-c A``.
+        beta: weight of the k3 KL to the reference policy (needs ``ref_logp``).
+        entropy_coef: ``loss -= entropy_coef * entropy`` per token.
+        importance_sampling: ``"token"`` ratios, or ``"sequence"`` (GSPO).
+        teacher_objective: for teacher tokens (``objective.TEACHER_OBJECTIVES``).
+        teacher_gamma: ``f(p) = p / (p + gamma)`` of the shaped teacher objective.
+        sft_weight: ``w`` of the ``"sft"`` teacher objective ``-w log p``.
+        aggregation: a verl ``loss_agg_mode`` or a TRL ``loss_type`` alias.
+        normalizer: the token count of ``token-mean`` (default: the batch's).
+        max_len: the width of ``seq-mean-token-sum-norm`` (default: T).
+    """
     temperature: float = 1.0
+    objective: str = "clip"
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: Optional[float] = None
@@ -103,209 +184,83 @@ class LossOptions:
     teacher_objective: str = "shaped"
     teacher_gamma: float = TEACHER_GAMMA
     sft_weight: float = 1.0
-    aggregation: str = "token-mean"     # canonical verl name after alias resolution
-    aggregation_alias: str = "token-mean"   # the name the caller used ("dapo" matters)
+    aggregation: str = "token-mean"
     normalizer: Optional[float] = None
     max_len: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        checked = dict(
+            temperature=check_temperature(self.temperature),
+            objective=choice("objective", self.objective, tuple(OBJECTIVES)),
+            eps_low=number("eps_low", self.eps_low, low=0.0, high=1.0, high_open=True),
+            eps_high=number("eps_high", self.eps_high, low=0.0),
+            dual_clip=number("dual_clip", self.dual_clip, low=1.0, low_open=True,
+                             allow_none=True),
+            beta=number("beta", self.beta, low=0.0),
+            entropy_coef=number("entropy_coef", self.entropy_coef),
+            importance_sampling=choice("importance_sampling", self.importance_sampling,
+                                       IMPORTANCE_SAMPLING),
+            teacher_objective=choice("teacher_objective", self.teacher_objective,
+                                     tuple(TEACHER_OBJECTIVES)),
+            teacher_gamma=number("teacher_gamma", self.teacher_gamma, low=0.0, low_open=True),
+            sft_weight=number("sft_weight", self.sft_weight),
+            normalizer=number("normalizer", self.normalizer, low=0.0, low_open=True,
+                              allow_none=True),
+            max_len=positive_int("max_len", self.max_len, allow_none=True),
+        )
+        resolve_aggregation(self.aggregation)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
     @property
-    def teacher_code(self) -> int:
-        return TEACHER_OBJECTIVE_CODE[self.teacher_objective]
+    def aggregation_mode(self) -> str:
+        """The canonical (verl) aggregation name; ``aggregation`` keeps the caller's alias."""
+        return resolve_aggregation(self.aggregation)
+
+    @property
+    def sequence_level(self) -> bool:
+        """Whether the objective couples the tokens of a sequence (a statistics pass first)."""
+        return self.importance_sampling == "sequence"
+
+    def kernel_params(self) -> tuple:
+        """The scalar options in ``KERNEL_PARAMS`` order (None as 0.0), for the Triton kernel."""
+        return tuple(float(getattr(self, name) or 0.0) for name in KERNEL_PARAMS)
 
 
-def parse_loss_options(*, temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=None,
-                       beta=0.0, entropy_coef=0.0, importance_sampling="token",
-                       teacher_objective="shaped", teacher_gamma=TEACHER_GAMMA, sft_weight=1.0,
-                       aggregation="token-mean", normalizer=None, max_len=None) -> LossOptions:
-    """Validate every option; raise ValueError naming the offending argument."""
-    max_len_value = None
-    if max_len is not None:
-        if isinstance(max_len, bool) or not float(max_len).is_integer() or max_len < 1:
-            raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
-        max_len_value = int(max_len)
-    return LossOptions(
-        temperature=check_temperature(temperature),
-        eps_low=_number("eps_low", eps_low, low=0.0, high=1.0, high_open=True),
-        eps_high=_number("eps_high", eps_high, low=0.0),
-        dual_clip=_number("dual_clip", dual_clip, low=1.0, low_open=True, allow_none=True),
-        beta=_number("beta", beta, low=0.0),
-        entropy_coef=_number("entropy_coef", entropy_coef),
-        importance_sampling=_choice("importance_sampling", importance_sampling,
-                                    IMPORTANCE_SAMPLING),
-        teacher_objective=_choice("teacher_objective", teacher_objective, TEACHER_OBJECTIVES),
-        teacher_gamma=_number("teacher_gamma", teacher_gamma, low=0.0, low_open=True),
-        sft_weight=_number("sft_weight", sft_weight),
-        aggregation=resolve_aggregation(aggregation),
-        aggregation_alias=aggregation,
-        normalizer=_number("normalizer", normalizer, low=0.0, low_open=True, allow_none=True),
-        max_len=max_len_value,
-    )
+@dataclass(frozen=True)
+class AdvantageOptions(_Options):
+    """Every option of group advantages with SSI substitution (docs/design.md section 6).
 
-
-# --------------------------------------------------------------------------- tensor checks
-def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return value
-
-
-def check_ignore_index(ignore_index) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    return ignore_index
-
-
-def check_target_ids(target_ids, row_shape, V: int, device, ignore_index=IGNORE_INDEX, *,
-                     source: str = "logits", source_shape=None):
-    """Integer ``target_ids`` of ``row_shape`` on ``device`` with ids in ``[0, V)``.
-
-    ``row_shape`` / ``device`` are those of ``source`` (the logits, or the hidden states of a
-    fused LM head, whose ``V`` is the head's) without its last dimension; messages name it.
-    Reads the targets once (a reduction on their device).
+    Args:
+        scale: ``"group"`` ``(r - mean) / (std + eps)``, ``"batch"`` (one std for the batch)
+            or ``"none"`` (``r - mean``, Dr. GRPO).
+        stats: mean and std over ``"all"`` members or the ``"on-policy"`` ones only.
+        eps: added to the std.
+        teacher_reward: the reward of a substituted teacher demonstration.
     """
-    check_ignore_index(ignore_index)
-    if not isinstance(target_ids, torch.Tensor):
-        raise ValueError(f"target_ids must be a torch.Tensor, got {type(target_ids).__name__}")
-    if target_ids.dtype.is_floating_point or target_ids.dtype.is_complex \
-            or target_ids.dtype == torch.bool:
-        raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
-    if tuple(target_ids.shape) != tuple(row_shape):
-        raise ValueError(f"target_ids must have shape {tuple(row_shape)} to match "
-                         f"{source} {tuple(source_shape)}, got {tuple(target_ids.shape)}")
-    if target_ids.device != device:
-        raise ValueError(f"target_ids is on {target_ids.device} but {source} on {device}")
-    valid = target_ids != ignore_index
-    if target_ids.numel() and bool(((target_ids < 0) | (target_ids >= V))[valid].any()):
-        bad = target_ids[valid & ((target_ids < 0) | (target_ids >= V))][0].item()
-        raise ValueError(f"target_ids holds {bad}, outside [0, {V}) (ignore_index="
-                         f"{ignore_index} marks positions to skip)")
+    scale: str = "group"
+    stats: str = "all"
+    eps: float = ADVANTAGE_EPS
+    teacher_reward: float = TEACHER_REWARD
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", choice("scale", self.scale, SCALES))
+        object.__setattr__(self, "stats", choice("stats", self.stats, STATS))
+        object.__setattr__(self, "eps", number("eps", self.eps, low=0.0))
+        object.__setattr__(self, "teacher_reward",
+                           number("teacher_reward", self.teacher_reward))
 
 
-def check_logits_and_targets(logits: torch.Tensor, target_ids: torch.Tensor,
-                             ignore_index: int = IGNORE_INDEX, *, dtypes=LOGIT_DTYPES,
-                             vocab_size=None):
-    """Check shapes, dtypes, devices and target range; return (rows, V, batch_shape).
-
-    ``logits`` is ``[B, T, V]`` with targets ``[B, T]`` or packed ``[N, V]`` with ``[N]``.
-    The check reads the targets once (a reduction on their device), never the logits.
-    ``vocab_size``: the range of the target ids when ``logits`` holds a slice of the
-    vocabulary (vocab-parallel); ``V`` by default.
-    """
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() not in (2, 3):
-        raise ValueError("logits must be [B, T, V] or packed [N, V] (a vocabulary dimension "
-                         f"last), got shape {tuple(logits.shape)}")
-    if logits.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"logits must be one of {names}; got {logits.dtype}")
-    V = logits.shape[-1]
-    if V < 1:
-        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
-    if logits.stride(-1) != 1:
-        raise ValueError("logits must be contiguous in the vocabulary dimension (stride 1); "
-                         "call .contiguous() on the tensor first")
-    V = V if vocab_size is None else vocab_size
-    check_target_ids(target_ids, logits.shape[:-1], V, logits.device, ignore_index,
-                     source_shape=logits.shape)
-    return target_ids.numel(), V, tuple(target_ids.shape)
-
-
-def check_like(name: str, tensor, shape, device, *, allow_per_seq: bool = False,
-               floating: bool = True, source: str = "logits"):
-    """A per-token tensor (or per-sequence where allowed) of the right shape and device."""
-    if tensor is None:
-        return None
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but {source} on {device}")
-    ok = tuple(tensor.shape) == tuple(shape)
-    if allow_per_seq and len(shape) == 2:
-        ok = ok or tuple(tensor.shape) == (shape[0],)
-    if not ok:
-        want = f"{tuple(shape)}" + (f" or ({shape[0]},)" if allow_per_seq and len(shape) == 2
-                                    else "")
-        raise ValueError(f"{name} must have shape {want}, got {tuple(tensor.shape)}")
-    if floating and not tensor.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
-    return tensor
-
-
-@dataclass
-class LossTensors:
-    """The per-token inputs of the loss, validated and laid out as ``[B, T]``.
-
-    Packed ``[N]`` targets are one row (``B = 1``). ``valid`` folds the mask and
-    ``ignore_index`` together; per-sequence advantages and teacher flags are broadcast.
-    Values keep the caller's dtype; each path casts to its own accumulation type.
-    """
-    targets: torch.Tensor               # [B, T] long-compatible
-    valid: torch.Tensor                 # [B, T] bool
-    advantages: torch.Tensor            # [B, T] (broadcast view for per-sequence input)
-    old_logp: Optional[torch.Tensor]    # [B, T] or None
-    ref_logp: Optional[torch.Tensor]    # [B, T] or None
-    teacher: torch.Tensor               # [B, T] bool
-    batch_shape: tuple                  # the caller's target shape, for per-token outputs
-
-
-def check_loss_tensors(logits, target_ids, advantages, *, mask=None, old_logp=None,
-                       ref_logp=None, teacher_mask=None, ignore_index=IGNORE_INDEX,
-                       opts: LossOptions, dtypes=LOGIT_DTYPES, vocab_size=None) -> LossTensors:
-    """Validate every tensor input of the loss before any kernel runs (DESIGN section 9)."""
-    check_logits_and_targets(logits, target_ids, ignore_index, dtypes=dtypes,
-                             vocab_size=vocab_size)
-    return check_token_tensors(target_ids, advantages, mask=mask, old_logp=old_logp,
-                               ref_logp=ref_logp, teacher_mask=teacher_mask,
-                               ignore_index=ignore_index, opts=opts, device=logits.device)
-
-
-def check_token_tensors(target_ids, advantages, *, mask=None, old_logp=None, ref_logp=None,
-                        teacher_mask=None, ignore_index=IGNORE_INDEX, opts: LossOptions,
-                        device, source: str = "logits") -> LossTensors:
-    """``check_loss_tensors`` past the logits: the per-token inputs beside ``target_ids``.
-
-    ``target_ids`` must already be checked against ``source`` (``check_logits_and_targets``,
-    or the fused LM head's check of its hidden states); ``device`` is ``source``'s.
-    """
-    batch_shape = tuple(target_ids.shape)
-    shape2d = batch_shape if len(batch_shape) == 2 else (1, batch_shape[0])
-
-    def as2d(name, t, per_seq_ok, floating=True):
-        if t is None:
-            return None
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if len(batch_shape) == 1:
-            # Packed input is one sequence: accept [N] per token, or [1] per sequence.
-            if tuple(t.shape) == batch_shape:
-                t = t.reshape(shape2d)
-            elif per_seq_ok and tuple(t.shape) in ((1,), ()):
-                t = t.reshape(1)
-        t = check_like(name, t, shape2d, device, allow_per_seq=per_seq_ok, floating=floating,
-                       source=source)
-        return t
-
-    if advantages is None:
-        raise ValueError("advantages is required (or pass rewards= and group_size=)")
-    adv = as2d("advantages", advantages, True)
-    adv = adv[:, None].expand(shape2d) if adv.dim() == 1 else adv
-    old = as2d("old_logp", old_logp, False)
-    ref = as2d("ref_logp", ref_logp, False)
-    if opts.beta > 0 and ref is None:
-        raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
-    targets = target_ids.reshape(shape2d)
-    valid = targets != ignore_index
-    if mask is not None:
-        m = as2d("mask", mask, False, floating=False)
-        if m.dtype.is_floating_point:
-            valid = valid & (m != 0)
-        else:
-            valid = valid & m.bool()
-    if teacher_mask is None:
-        teacher = torch.zeros(shape2d, dtype=torch.bool, device=device)
-    else:
-        t = as2d("teacher_mask", teacher_mask, True, floating=False)
-        t = t.bool() if not t.dtype.is_floating_point else t != 0
-        teacher = t[:, None].expand(shape2d) if t.dim() == 1 else t
-    return LossTensors(targets, valid, adv, old, ref, teacher, batch_shape)
+def split_options(kwargs: Mapping[str, Any], loss: Optional[LossOptions] = None,
+                  advantages: Optional[AdvantageOptions] = None):
+    """``(LossOptions, AdvantageOptions)`` from one mapping of keyword options; a name
+    that is neither's raises ``TypeError`` listing both sets."""
+    loss_names, adv_names = set(LossOptions.names()), set(AdvantageOptions.names())
+    unknown = sorted(set(kwargs) - loss_names - adv_names)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; loss options are "
+                        f"{list(LossOptions.names())}, advantage options "
+                        f"{list(AdvantageOptions.names())}")
+    return (LossOptions.from_kwargs(loss, **{k: v for k, v in kwargs.items() if k in loss_names}),
+            AdvantageOptions.from_kwargs(advantages,
+                                         **{k: v for k, v in kwargs.items() if k in adv_names}))

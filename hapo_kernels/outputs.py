@@ -1,19 +1,81 @@
-"""The result type of the loss, shared by the reference, the CPU path and the kernels."""
+"""What the loss writes and returns: per-token buffers every backend fills, and ``LossOutput``.
+
+``new_buffer`` is the one allocator of every buffer a kernel or chunk loop writes row by row
+(the tests replace it with a NaN-filled one, so a row left unwritten shows).
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from .objective import TokenTerms
+
+
+def new_buffer(shape: Sequence[int] | int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer that the caller fills completely."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass
+class TokenResults:
+    """The flat ``[rows]`` per-token results a loss pass writes (float32; flags int8)."""
+    loss: torch.Tensor           # w * l: the token's share of the aggregated loss
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    ratio: torch.Tensor
+    clip_low: torch.Tensor       # int8
+    clip_high: torch.Tensor      # int8
+    kl: Optional[torch.Tensor]   # None without ref_logp
+
+    @classmethod
+    def allocate(cls, rows: int, has_ref: bool, device: torch.device) -> "TokenResults":
+        def f32():
+            return new_buffer(rows, torch.float32, device)
+        return cls(loss=f32(), logp=f32(), entropy=f32(), ratio=f32(),
+                   clip_low=new_buffer(rows, torch.int8, device),
+                   clip_high=new_buffer(rows, torch.int8, device),
+                   kl=f32() if has_ref else None)
+
+    def slice_rows(self, r0: int, r1: int) -> "TokenResults":
+        """Views of rows ``r0..r1`` (writes go to this object's buffers)."""
+        return TokenResults(**{f.name: None if getattr(self, f.name) is None
+                               else getattr(self, f.name)[r0:r1]
+                               for f in dataclasses.fields(self)})
+
+    def write(self, sl: slice, valid: torch.Tensor, logp: torch.Tensor,
+              entropy: torch.Tensor, terms: "TokenTerms") -> None:
+        """Store ``objective.token_terms``' results for rows ``sl`` (0 on invalid rows)."""
+        zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+        obj = terms.objective
+        self.loss[sl] = terms.weighted_loss.reshape(-1)
+        self.logp[sl] = torch.where(valid, logp, zero).reshape(-1)
+        self.entropy[sl] = torch.where(valid, entropy, zero).reshape(-1)
+        self.ratio[sl] = obj.ratio.reshape(-1)
+        self.clip_low[sl] = obj.clip_low.reshape(-1)
+        self.clip_high[sl] = obj.clip_high.reshape(-1)
+        if self.kl is not None:
+            self.kl[sl] = obj.kl.reshape(-1)
+
+    def as_tuple(self, device: torch.device) -> tuple:
+        """``(loss, logp, entropy, ratio, clip_low, clip_high, kl)``, ``kl`` empty when
+        absent: what an autograd Function returns (it cannot return None among tensors)."""
+        kl = self.kl if self.kl is not None else torch.empty(0, device=device)
+        return (self.loss, self.logp, self.entropy, self.ratio, self.clip_low,
+                self.clip_high, kl)
 
 
 @dataclass
 class LossOutput:
     """What ``fused_hapo_loss`` returns.
 
-    ``loss`` is a differentiable scalar. Everything else is detached: per-token tensors
-    have the shape of ``target_ids`` (0 where masked); the rest are masked means over the
-    valid tokens (0 when there is none).
+    ``loss`` is a differentiable scalar. Everything else is detached: ``per_token_*`` have
+    the shape of ``target_ids`` (0 where masked; clip flags bool); the rest are masked means
+    over the valid tokens (0 when there is none).
     """
     loss: torch.Tensor
     per_token_logp: torch.Tensor
@@ -27,6 +89,10 @@ class LossOutput:
     teacher_fraction: torch.Tensor      # fraction of valid tokens that are teacher tokens
     advantages: Optional[torch.Tensor] = None   # the advantages used (set when computed)
     replaced: Optional[torch.Tensor] = None     # SSI replaced index per group, or None
+    per_token_ratio: Optional[torch.Tensor] = None
+    per_token_kl: Optional[torch.Tensor] = None        # None without ref_logp
+    per_token_clip_low: Optional[torch.Tensor] = None  # bool: clipped below (A < 0)
+    per_token_clip_high: Optional[torch.Tensor] = None  # bool: clipped above (A > 0)
 
     def metrics(self) -> dict:
         """Plain floats for logging."""

@@ -6,7 +6,7 @@ import torch
 
 from bench import __main__ as runner
 from bench import baselines as bl
-from bench import ops as O
+from bench import ops
 from bench import timing
 
 
@@ -23,7 +23,7 @@ def test_cpu_peak_memory_sees_a_known_allocation():
                                       for dt in (torch.float32, torch.bfloat16)]
                          + [("advantages", torch.float32)])
 def test_eager_baselines_match_the_reference(op, dtype):
-    res = O.check(op, "eager (TRL)", O.EAGER[op], dtype, "cpu", B=2, T=6, V=257,
+    res = ops.check(op, "eager (TRL)", ops.EAGER[op], dtype, "cpu", B=2, T=6, V=257,
                   kind="baseline")
     assert res.ok, (res.errors, res.note)
 
@@ -43,30 +43,30 @@ def _perturbed(fn, how):
                                                        float("nan"), t.float())],
                          ids=["scaled", "shifted", "nan"])
 def test_check_catches_a_wrong_implementation(op, how):
-    res = O.check(op, "wrong", _perturbed(O.EAGER[op], how), torch.float32, "cpu",
+    res = ops.check(op, "wrong", _perturbed(ops.EAGER[op], how), torch.float32, "cpu",
                   B=2, T=6, V=257)
     assert res.ok is False
 
 
 def test_check_catches_a_wrong_replaced_index_and_a_crash():
     def wrong(inp):
-        out = O.EAGER["advantages"](inp)
+        out = ops.EAGER["advantages"](inp)
         out["replaced"] = out["replaced"].roll(1)
         return out
-    assert O.check("advantages", "wrong", wrong, torch.float32, "cpu").ok is False
+    assert ops.check("advantages", "wrong", wrong, torch.float32, "cpu").ok is False
 
     def crash(inp):
         raise RuntimeError("boom")
-    res = O.check("sls_nograd", "crash", crash, torch.float32, "cpu")
+    res = ops.check("sls_nograd", "crash", crash, torch.float32, "cpu")
     assert res.ok is False and "boom" in res.note
 
 
 def test_byte_floor_counts_passes_over_the_logits():
     N, V, s = 8 * 16, 1000, 2
     logits = N * V * s
-    assert O.floor_bytes("sls_nograd", 8, 16, V, torch.bfloat16) // logits == 1
-    assert O.floor_bytes("loss_token", 8, 16, V, torch.bfloat16) // logits == 2
-    assert O.floor_bytes("loss_seq", 8, 16, V, torch.bfloat16) // logits == 3
+    assert ops.floor_bytes("sls_nograd", 8, 16, V, torch.bfloat16) // logits == 1
+    assert ops.floor_bytes("loss_token", 8, 16, V, torch.bfloat16) // logits == 2
+    assert ops.floor_bytes("loss_seq", 8, 16, V, torch.bfloat16) // logits == 3
 
 
 def test_trl_entropy_matches_the_reference():
@@ -85,8 +85,7 @@ def test_quick_runner_end_to_end(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert "Correctness against the float64 reference" in text and "ours x faster" in text
     assert data["copy_bandwidth_gbs"] > 0
-    ops = {r["op"] for r in data["rows"]}
-    assert ops == set(O.OPS)
+    assert {r["op"] for r in data["rows"]} == set(ops.OPS)
     eager = [r for r in data["rows"] if r["impl"] == "eager (TRL)"]
     assert eager and all(r["status"] == "ok" and r["median_ms"] > 0 for r in eager)
     assert all(r["status"].startswith("skipped") for r in data["rows"]
@@ -112,7 +111,7 @@ def test_liger_baseline_matches_the_reference(op):
     """The Liger wrapper (run through Triton's interpreter here, on CUDA in the sweep)."""
     import liger_kernel  # noqa: F401  (the dev extra installs it: a missing one must fail)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    res = O.check(op, "Liger", O._liger(op, device), torch.float32, device, B=2, T=5, V=257,
+    res = ops.check(op, "Liger", ops.liger_impl(op, device), torch.float32, device, B=2, T=5, V=257,
                   kind="baseline")
     assert res.ok, (res.errors, res.note)
 
@@ -122,8 +121,8 @@ def test_liger_baseline_matches_the_reference(op):
 def test_persistent_grid_row_matches_the_reference(dtype):
     """The sweep's persistent-grid row (GPU tuning) computes the same loss and gradient."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    impl = {i.name: i for i in O.implementations("loss_token")}[O.PERSISTENT]
-    res = O.check("loss_token", impl.name, impl.build(device), dtype, device, B=2, T=5, V=257,
+    impl = {i.name: i for i in ops.implementations("loss_token")}[ops.PERSISTENT]
+    res = ops.check("loss_token", impl.name, impl.build(device), dtype, device, B=2, T=5, V=257,
                   kind=impl.kind)
     assert res.ok, (res.errors, res.note)
 
@@ -131,7 +130,7 @@ def test_persistent_grid_row_matches_the_reference(dtype):
 def test_no_persistent_grid_row_on_the_cpu_path(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert O.PERSISTENT not in [i.name for i in O.implementations("loss_token")]
+    assert ops.PERSISTENT not in [i.name for i in ops.implementations("loss_token")]
 
 
 def test_compare_loss_runs_on_tiny_shapes():

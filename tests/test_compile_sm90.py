@@ -12,15 +12,24 @@ import pytest
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
+from hapo_kernels.options import KERNEL_PARAMS
 from hapo_kernels.triton import advantages, logprobs, loss
 
 SM90 = GPUTarget("cuda", 90, 32)
 LOGIT_TYPES = ["*fp32", "*bf16", "*fp16"]
 
 
-def compile_for_sm90(fn, signature, constexprs):
-    sig = dict(signature, **{k: "constexpr" for k in constexprs})
+def compile_for_sm90(kernel, signature, constexprs):
+    """Compile ``kernel`` (a ``triton.jit`` function, or one under ``triton.heuristics``,
+    whose flags the test then gives as constexprs); a ``None`` pointer is a constexpr."""
+    fn = kernel
+    while not isinstance(fn, JITFunction):     # unwrap triton.heuristics / autotune
+        fn = fn.fn
+    constexprs = dict(constexprs, **{k: None for k, v in signature.items() if v is None})
+    sig = dict({k: v for k, v in signature.items() if v is not None},
+               **{k: "constexpr" for k in constexprs})
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
                               target=SM90)
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
@@ -31,7 +40,7 @@ ROW = {"T": "i32", "V": "i32", "stride_b": "i64", "stride_t": "i64", "inv_temp":
 
 @pytest.mark.parametrize("x", LOGIT_TYPES)
 def test_row_stats_kernel(x):
-    compile_for_sm90(logprobs._row_stats_kernel,
+    compile_for_sm90(logprobs.row_stats_kernel,
                      dict(x_ptr=x, y_ptr="*i64", logp_ptr="*fp32", ent_ptr="*fp32",
                           lse_ptr="*fp32", spz_ptr="*fp32", ignore_index="i32", **ROW),
                      {"BLOCK_V": 4096})
@@ -40,43 +49,47 @@ def test_row_stats_kernel(x):
 @pytest.mark.parametrize("x", LOGIT_TYPES)
 @pytest.mark.parametrize("has_logp,has_ent", [(True, True), (True, False), (False, True)])
 def test_grad_logits_kernel(x, has_logp, has_ent):
-    compile_for_sm90(logprobs._grad_logits_kernel,
+    compile_for_sm90(logprobs.grad_logits_kernel,
                      dict(x_ptr=x, y_ptr="*i64", lse_ptr="*fp32", spz_ptr="*fp32",
-                          gl_ptr="*fp32", ge_ptr="*fp32", dx_ptr=x, dstride_b="i64",
+                          gl_ptr="*fp32" if has_logp else None,
+                          ge_ptr="*fp32" if has_ent else None, dx_ptr=x, dstride_b="i64",
                           dstride_t="i64", ignore_index="i32", **ROW),
                      {"HAS_LOGP": has_logp, "HAS_ENT": has_ent, "BLOCK_V": 4096})
 
 
-# Every value of every constexpr of the loss kernel appears; dtypes rotate through them.
+# Every value of every flag of the loss kernel appears; dtypes rotate through them.
 LOSS_VARIANTS = [dict(HAS_OLD=o, HAS_REF=r, HAS_DUAL=d, USE_KL=r and k, USE_ENT=e,
-                      TEACHER_OBJ=t, WRITE_GRAD=g)
-                 for (o, r, d, k, e, t, g) in [
-                     (True, True, True, True, True, 0, True),
-                     (False, False, False, False, False, 1, True),
-                     (True, True, False, False, True, 2, False),
-                     (False, True, True, True, False, 0, False),
-                     (True, False, True, False, True, 2, True)]]
+                      TEACHER_OBJ=t, WRITE_GRAD=g, OBJECTIVE=obj)
+                 for (o, r, d, k, e, t, g, obj) in [
+                     (True, True, True, True, True, 0, True, 0),
+                     (False, False, False, False, False, 1, True, 0),
+                     (True, True, False, False, True, 2, False, 0),
+                     (False, True, True, True, False, 0, False, 0),
+                     (True, False, True, False, True, 2, True, 0)]]
 
 
 @pytest.mark.parametrize("variant,x", list(zip(LOSS_VARIANTS, itertools.cycle(LOGIT_TYPES))))
 def test_hapo_loss_kernel(variant, x):
     f32 = "*fp32"
-    compile_for_sm90(loss._hapo_loss_kernel,
-                     dict(x_ptr=x, dx_ptr=x, y_ptr="*i64", valid_ptr="*i8", adv_ptr=f32,
-                          old_ptr=f32, ref_ptr=f32, teacher_ptr="*i8", w_ptr=f32, loss_ptr=f32,
-                          logp_ptr=f32, ent_ptr=f32, ratio_ptr=f32, clip_lo_ptr="*i8",
-                          clip_hi_ptr="*i8", kl_ptr=f32, dstride_b="i64", dstride_t="i64",
-                          eps_low="fp32", eps_high="fp32", dual_clip="fp32", beta="fp32",
-                          entropy_coef="fp32", teacher_gamma="fp32", sft_weight="fp32",
-                          n_rows="i32", **ROW),
+    compile_for_sm90(loss.hapo_loss_kernel,
+                     dict(x_ptr=x, dx_ptr=x if variant["WRITE_GRAD"] else None, y_ptr="*i64",
+                          valid_ptr="*i8", adv_ptr=f32,
+                          old_ptr=f32 if variant["HAS_OLD"] else None,
+                          ref_ptr=f32 if variant["HAS_REF"] else None, teacher_ptr="*i8",
+                          w_ptr=f32, loss_ptr=f32, logp_ptr=f32, ent_ptr=f32, ratio_ptr=f32,
+                          clip_lo_ptr="*i8", clip_hi_ptr="*i8",
+                          kl_ptr=f32 if variant["HAS_REF"] else None, dstride_b="i64",
+                          dstride_t="i64", n_rows="i32",
+                          params=tuple("fp32" for _ in KERNEL_PARAMS), **ROW),
                      dict(variant, BLOCK_V=4096))
 
 
 @pytest.mark.parametrize("has_inject,scale,stats", [(True, 0, 0), (False, 1, 1), (True, 2, 1),
                                                     (True, 1, 0)])
 def test_group_advantages_kernel(has_inject, scale, stats):
-    compile_for_sm90(advantages._group_advantages_kernel,
-                     dict(r_ptr="*fp32", inject_ptr="*i8", adv_ptr="*fp32", r_sub_ptr="*fp32",
-                          member_ptr="*i8", replaced_ptr="*i64", batch_std_ptr="*fp32",
+    compile_for_sm90(advantages.group_advantages_kernel,
+                     dict(r_ptr="*fp32", inject_ptr="*i8" if has_inject else None,
+                          adv_ptr="*fp32", r_sub_ptr="*fp32", member_ptr="*i8",
+                          replaced_ptr="*i64", batch_std_ptr="*fp32" if scale == 1 else None,
                           G="i32", teacher_reward="fp32", eps="fp32"),
                      dict(HAS_INJECT=has_inject, SCALE=scale, STATS=stats, BLOCK_G=16))

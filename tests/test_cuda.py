@@ -8,7 +8,7 @@ import torch
 
 import hapo_kernels as hk
 from hapo_kernels import reference as R
-from hapo_kernels.dispatch import force_backend
+from hapo_kernels.backends import force_backend
 from hapo_kernels.triton import logprobs as triton_logprobs
 
 pytestmark = [pytest.mark.cuda,

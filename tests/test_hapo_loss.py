@@ -26,7 +26,7 @@ def test_matches_reference_value_and_gradient(overrides):
     out = module(logits, targets, adv, mask=mask, old_logp=old, teacher_mask=teacher)
     (g,) = torch.autograd.grad(out.loss, logits)
     ref = reference.hapo_loss(logits, targets, adv, mask=mask, old_logp=old,
-                              teacher_mask=teacher, **{**HAPOConfig().loss_kwargs(),
+                              teacher_mask=teacher, **{**HAPOConfig().loss.as_dict(),
                                                        **overrides})
     (g_ref,) = torch.autograd.grad(ref.loss, logits)
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5, abs=1e-6)
@@ -40,7 +40,7 @@ def test_kl_option_needs_and_uses_ref_logp():
     ref_logp = old + 0.05
     out = module(logits, targets, adv, mask=mask, ref_logp=ref_logp)
     ref = reference.hapo_loss(logits, targets, adv, mask=mask, ref_logp=ref_logp,
-                              **{**HAPOConfig().loss_kwargs(), "beta": 0.05})
+                              **{**HAPOConfig().loss.as_dict(), "beta": 0.05})
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
     assert out.kl is not None
     with pytest.raises(ValueError, match="ref_logp"):
@@ -50,10 +50,10 @@ def test_kl_option_needs_and_uses_ref_logp():
 def test_paper_defaults():
     c = HAPOConfig()
     assert c.group_size == 8 and c.gate_threshold == 0.8 and c.gate_mode == "mean"
-    assert c.teacher_objective == "shaped" and c.teacher_gamma == 0.1
-    assert c.eps_low == c.eps_high == 0.2 and c.beta == 0.0
+    assert c.loss.teacher_objective == "shaped" and c.loss.teacher_gamma == 0.1
+    assert c.loss.eps_low == c.loss.eps_high == 0.2 and c.loss.beta == 0.0
     opts = HAPOLoss().options
-    assert opts["teacher_objective"] == "shaped" and opts["beta"] == 0.0
+    assert opts.teacher_objective == "shaped" and opts.beta == 0.0 and opts == c.loss
     gate = c.make_gate()
     assert gate.threshold == 0.8 and gate.mode == "mean" and gate.schedule is None
 
@@ -77,7 +77,14 @@ def test_config_builds_annealed_gate():
 ])
 def test_bad_config_raises(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        HAPOConfig(**kwargs)
+        HAPOConfig.from_kwargs(**kwargs)
+
+
+def test_config_from_flat_keywords():
+    c = HAPOConfig.from_kwargs(group_size=4, beta=0.04, stats="on-policy")
+    assert c.group_size == 4 and c.loss.beta == 0.04 and c.advantages.stats == "on-policy"
+    with pytest.raises(TypeError, match="no_such"):
+        HAPOConfig.from_kwargs(no_such=1)
 
 
 def test_bad_module_option_raises():

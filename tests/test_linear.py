@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import hapo_kernels as hk
-import hapo_kernels.cpu.linear as cpu_linear
-import hapo_kernels.linear as hk_linear
+import hapo_kernels.head as head
 from hapo_kernels import reference as R
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -139,13 +138,13 @@ def test_frozen_weight_packed_no_bias(backend):
     h = hidden.clone().requires_grad_()
     w = weight.clone()                                  # requires_grad False
     called = []
-    real_add = cpu_linear.addmm_into
+    real_add = head.addmm_into
     try:
-        cpu_linear.addmm_into = lambda *a: called.append(1) or real_add(*a)
+        head.addmm_into = lambda *a: called.append(1) or real_add(*a)
         out = hk.fused_linear_hapo_loss(h, w, y, A, chunk_size=4, **kw)
         out.loss.backward()
     finally:
-        cpu_linear.addmm_into = real_add
+        head.addmm_into = real_add
     assert w.grad is None and not called                # the weight GEMM never ran
     close(out.loss, ref.loss, 2e-5)
     close(h.grad, ref_gh, 2e-5)
@@ -196,15 +195,10 @@ def test_rewards_convenience(backend):
     assert torch.equal(out.replaced, replaced)
 
 
-def _poisoned_empty(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(77)
-
 
 @pytest.mark.parametrize("opts", [{}, dict(importance_sampling="sequence"),
                                   dict(vocab_chunk_size=8)])
-def test_every_output_written(backend, opts, monkeypatch):
-    monkeypatch.setattr(hk_linear, "_empty", _poisoned_empty)
+def test_every_output_written(backend, opts, poisoned_buffers):
     hidden, weight, bias, y, A, kw = make_inputs(ref=True)
     h, w, b = leaves(hidden, weight, bias)
     out = hk.fused_linear_hapo_loss(h, w, y, A, bias=b, chunk_size=4, **kw, **opts)
@@ -228,7 +222,7 @@ def test_non_finite_hidden_gives_non_finite_loss(backend, request):
 def test_no_grad_skips_gradient_work(monkeypatch):
     hidden, weight, bias, y, A, kw = make_inputs()
     h, w, b = leaves(hidden, weight, bias)
-    monkeypatch.setattr(cpu_linear.Grads, "add", lambda *a, **k: pytest.fail("gradient work"))
+    monkeypatch.setattr(head.Grads, "add", lambda *a, **k: pytest.fail("gradient work"))
     with torch.no_grad():
         out = hk.fused_linear_hapo_loss(h, w, y, A, bias=b, chunk_size=4, **kw)
     ref, _ = reference(hidden, weight, bias, y, A, kw, {})
@@ -277,13 +271,13 @@ def test_selective_log_softmax_bf16_frozen_head(backend):
 # --------------------------------------------------------------------------- chunk plan
 def test_chunk_plan():
     cpu = torch.device("cpu")
-    c = cpu_linear.plan_chunks(4096, 32768, cpu)
-    assert c.rows * 32768 * 4 <= cpu_linear.CHUNK_BYTES["cpu"] and not c.split(32768)
-    big = cpu_linear.plan_chunks(4096, 10 ** 7, cpu)    # even 16 rows are too wide: split V
-    assert big.rows == cpu_linear.MIN_ROWS["cpu"] and big.split(10 ** 7)
-    assert big.rows * big.vocab * 4 <= cpu_linear.CHUNK_BYTES["cpu"]
-    assert cpu_linear.plan_chunks(10, 37, cpu, chunk_size=100).rows == 10
-    g = cpu_linear.plan_chunks(16384, 151936, torch.device("cuda"), torch.bfloat16)
+    c = head.plan_chunks(4096, 32768, cpu)
+    assert c.rows * 32768 * 4 <= head.CHUNK_BYTES["cpu"] and not c.split(32768)
+    big = head.plan_chunks(4096, 10 ** 7, cpu)    # even 16 rows are too wide: split V
+    assert big.rows == head.MIN_ROWS["cpu"] and big.split(10 ** 7)
+    assert big.rows * big.vocab * 4 <= head.CHUNK_BYTES["cpu"]
+    assert head.plan_chunks(10, 37, cpu, chunk_size=100).rows == 10
+    g = head.plan_chunks(16384, 151936, torch.device("cuda"), torch.bfloat16)
     assert g.rows == (256 << 20) // (2 * 151936) == 883 and not g.split(151936)
 
 
@@ -303,7 +297,7 @@ BAD = {
 
 @pytest.mark.parametrize("bad", list(BAD), ids=list(BAD))
 def test_bad_input_raises_before_compute(bad, monkeypatch):
-    monkeypatch.setattr(cpu_linear, "logits_block",
+    monkeypatch.setattr(head, "logits_block",
                         lambda *a: pytest.fail("computed before validating"))
     hidden, weight, bias, y, A, kw = make_inputs()
     h, w, b, yy = BAD[bad](hidden, weight, bias, y)
@@ -318,7 +312,7 @@ def test_bad_input_raises_before_compute(bad, monkeypatch):
                                     dict(beta=0.1), dict(fp32_accumulate=1),
                                     dict(mask=torch.ones(B, T + 1))])
 def test_bad_options_raise(kwargs, monkeypatch):
-    monkeypatch.setattr(cpu_linear, "logits_block",
+    monkeypatch.setattr(head, "logits_block",
                         lambda *a: pytest.fail("computed before validating"))
     hidden, weight, bias, y, A, _ = make_inputs()
     with pytest.raises(ValueError):

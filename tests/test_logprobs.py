@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import hapo_kernels as hk
 from hapo_kernels import reference as R
 from hapo_kernels.cpu import logprobs as cpu_logprobs
-from hapo_kernels.logprobs import _impl
+from hapo_kernels.backends import get_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Gradients come back in the logits dtype: allow about one rounding of that dtype.
@@ -95,7 +95,7 @@ def test_strided_view_read_in_place(backend, dtype, monkeypatch):
     B, T, V = 2, 6, 37
     base = make_logits((B, T + 1, V), dtype)
     targets = make_targets((B, T), V, ignore_frac=0.2)
-    impl = _impl(backend)
+    impl = get_backend(backend)
     seen = []
     real = impl.row_stats
 
@@ -264,7 +264,7 @@ def test_non_finite_logits_give_non_finite_values(backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_internal_api_writes_every_element(backend, dtype):
     """row_stats / grad_logits fill NaN-poisoned ``out`` buffers completely and correctly."""
-    impl = _impl(backend)
+    impl = get_backend(backend)
     B, T, V, temp = 3, 4, 133, 0.6
     base = make_logits((B, T + 1, V), dtype)
     logits = base[:, :-1]
@@ -327,12 +327,12 @@ def test_cpu_path_is_chunked(monkeypatch):
     whole = run_op(base, lambda x: x[:, :-1], targets, 0.9, -100, g_logp, g_ent)
     monkeypatch.setattr(cpu_logprobs, "CHUNK_BYTES", 4 * V * 2)     # two rows per chunk
     assert cpu_logprobs.chunk_rows(V) == 2
-    with hk.dispatch.force_backend("cpu"):
+    with hk.force_backend("cpu"):
         for view in (lambda x: x[:, :-1], lambda x: x[:, :-1].contiguous()):
             chunked = run_op(base, view, targets, 0.9, -100, g_logp, g_ent)
             for a, b in zip(whole[:2], chunked[:2]):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    with hk.dispatch.force_backend("cpu"):
+    with hk.force_backend("cpu"):
         check(base, targets, 0.9, view_fn=lambda x: x[:, :-1])
 
 
@@ -363,7 +363,7 @@ def _bad_inputs():
 @pytest.mark.parametrize("name,kwargs", _bad_inputs(),
                          ids=[f"{n}-{i}" for i, (n, _) in enumerate(_bad_inputs())])
 def test_bad_input_raises_before_any_kernel(backend, monkeypatch, name, kwargs):
-    impl = _impl(backend)
+    impl = get_backend(backend)
 
     def no_kernel(*args, **kw):
         raise AssertionError("a kernel ran on invalid input")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import hapo_kernels as hk
 import hapo_kernels.loss as hk_loss
 from hapo_kernels import reference as R
-from hapo_kernels.dispatch import force_backend
+from hapo_kernels.backends import force_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
@@ -117,17 +117,23 @@ def reference_upstream(x, y, adv, kw, **opts):
     A float32 gradient ``a * (onehot - p)`` cancels terms of size ``|a|`` where ``p -> 1``,
     so its rounding error scales with ``|a|``, not with the (then tiny) gradient itself.
     """
-    from hapo_kernels import options as O
-    o = O.parse_loss_options(**opts)
-    t = O.check_loss_tensors(x.double(), y, adv, **kw, opts=o, dtypes=O.REFERENCE_DTYPES)
-    logp, ent = R.log_probs(x.double().reshape(*t.targets.shape, x.shape[-1]), t.targets,
+    from hapo_kernels.inputs import loss_inputs
+    from hapo_kernels.objective import token_objective
+    from hapo_kernels.options import LossOptions
+    o = LossOptions(**opts)
+    t = loss_inputs(x, y, adv, o, source_name="logits", dtype=torch.float64, **kw)
+    shape = (t.B, t.T)
+
+    def rows(v):
+        return None if v is None else v.view(shape)
+
+    logp, ent = R.log_probs(x.double().reshape(*shape, x.shape[-1]), t.targets.view(shape),
                             o.temperature)
     logp, ent = logp.detach().requires_grad_(), ent.detach().requires_grad_()
-    obj = R.token_objective(logp, ent, t.advantages.double(), t.valid,
-                            old_logp=None if t.old_logp is None else t.old_logp.double(),
-                            ref_logp=None if t.ref_logp is None else t.ref_logp.double(),
-                            teacher=t.teacher, opts=o)
-    g = torch.autograd.grad(R.aggregate(obj["loss"], t.valid, o), (logp, ent),
+    valid = t.valid.view(shape)
+    obj = token_objective(logp, ent, rows(t.advantages), valid, old_logp=rows(t.old_logp),
+                          ref_logp=rows(t.ref_logp), teacher=rows(t.teacher), opts=o)
+    g = torch.autograd.grad(R.aggregate(obj.loss, valid, o), (logp, ent),
                             allow_unused=True, materialize_grads=True)
     return max(float(g[0].abs().max()), float(g[1].abs().max()))
 
@@ -219,15 +225,10 @@ def test_strided_view_without_copy(backend, importance_sampling):
     assert fg.grad[:, -1].abs().max() == 0
 
 
-def _poisoned_empty(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(3)
-
 
 @pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
-def test_every_output_written(backend, importance_sampling, monkeypatch):
+def test_every_output_written(backend, importance_sampling, poisoned_buffers):
     """Buffers (per-token outputs, gradient) start as NaN / 3: every element gets written."""
-    monkeypatch.setattr(hk_loss, "_empty", _poisoned_empty)
     x, y, adv, kw = make_inputs((3, 5, 37), seed=3)
     opts = dict(importance_sampling=importance_sampling, beta=0.1, entropy_coef=0.01)
     out, grad = run_ours(x, y, adv, kw, **opts)
@@ -393,7 +394,7 @@ BAD = [
 def test_bad_input_raises_value_error(backend, bad, name, monkeypatch):
     def no_kernel(*a, **k):
         raise AssertionError("a kernel ran before validation finished")
-    monkeypatch.setattr(hk_loss.FusedHAPOLoss, "apply", no_kernel)
+    monkeypatch.setattr(hk_loss.FusedHAPOLossFunction, "apply", no_kernel)
     x = torch.randn(2, 3, 37, requires_grad=True)
     args = dict(target_ids=torch.randint(0, 37, (2, 3)), advantages=torch.randn(2),
                 ref_logp=torch.randn(2, 3))
@@ -458,11 +459,10 @@ def test_masked_first_vocabulary_block(backend):
 @pytest.mark.kernel
 @pytest.mark.parametrize("k", [1, 4, 64])          # 64 programs > 15 rows: min(rows, k*SMs)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_persistent_grid_matches_reference(k, dtype, monkeypatch):
+def test_persistent_grid_matches_reference(k, dtype, poisoned_buffers):
     """k programs per SM (1 SM under the interpreter), each looping over many rows: every
     row written (poisoned buffers), the same numbers as the reference, in place too."""
     from hapo_kernels.triton.rows import persistent_rows
-    monkeypatch.setattr(hk_loss, "_empty", _poisoned_empty)
     x, y, adv, kw = make_inputs((3, 5, 4099), dtype=dtype, seed=11)
     opts = dict(beta=0.1, entropy_coef=0.01, dual_clip=3.0)
     ref, ref_grad = run_reference(x, y, adv, kw, **opts)

@@ -21,7 +21,7 @@ def make(config=None, policy=None, lr=1e-2, demos="task", **cfg):
     torch.manual_seed(0)
     policy = policy or TinyCausalLM(TASK.vocab_size, max_len=12, d_model=16, n_layers=1,
                                     n_heads=2, d_ff=32)
-    config = config or HAPOConfig(max_new_tokens=TASK.length, progress=False, **cfg)
+    config = config or HAPOConfig.from_kwargs(max_new_tokens=TASK.length, progress=False, **cfg)
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     demos = TASK.demo if demos == "task" else demos
     return HAPOTrainer(policy, opt, TASK.reward, demos, config)

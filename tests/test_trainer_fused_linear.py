@@ -66,7 +66,7 @@ class _Decoder(nn.Module):
 def run_step(policy, fused, **cfg):
     torch.manual_seed(0)
     policy = copy.deepcopy(policy)
-    config = HAPOConfig(max_new_tokens=TASK.length, progress=False, group_size=4,
+    config = HAPOConfig.from_kwargs(max_new_tokens=TASK.length, progress=False, group_size=4,
                         fused_linear=fused, **cfg)
     opt = torch.optim.SGD(policy.parameters(), lr=0.1)
     tr = HAPOTrainer(policy, opt, TASK.reward, TASK.demo, config)
@@ -95,7 +95,7 @@ def test_fused_linear_step_equals_logits_step(make, cfg):
 def test_fused_linear_needs_the_hooks():
     policy = TinyCausalLM(TASK.vocab_size, max_len=12, d_model=16, n_layers=1, n_heads=2,
                           d_ff=32)
-    config = HAPOConfig(max_new_tokens=TASK.length, progress=False, group_size=4,
+    config = HAPOConfig.from_kwargs(max_new_tokens=TASK.length, progress=False, group_size=4,
                         fused_linear=True)
     tr = HAPOTrainer(policy, torch.optim.SGD(policy.parameters(), lr=0.1), TASK.reward,
                      TASK.demo, config)
@@ -106,4 +106,4 @@ def test_fused_linear_needs_the_hooks():
 @pytest.mark.parametrize("bad", [dict(fused_linear=1), dict(fused_linear_chunk_size=0)])
 def test_config_validates_fused_linear(bad):
     with pytest.raises(ValueError):
-        HAPOConfig(**bad)
+        HAPOConfig.from_kwargs(**bad)

@@ -95,7 +95,7 @@ def run_one(method: str, seed: int, settings: Settings) -> dict:
             optimizer.step()
         curves["injection_rate"] = curves["collapsed_fraction"] = None
     else:
-        config = HAPOConfig(group_size=settings.group_size, max_new_tokens=task.length,
+        config = HAPOConfig.from_kwargs(group_size=settings.group_size, max_new_tokens=task.length,
                             gate_schedule_steps=settings.steps, gate_seed=seed, seed=seed,
                             progress=False, **overrides)
         trainer = HAPOTrainer(policy, optimizer, task.reward,

@@ -34,8 +34,8 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin, use_adapter
 
 import hapo_kernels as hk
-from hapo_kernels import options as O
-from hapo_kernels.reference import token_objective
+from hapo_kernels import LossOptions
+from hapo_kernels.options import IGNORE_INDEX
 
 from ..config import HAPOConfig
 from ..lm_head import output_head
@@ -46,18 +46,26 @@ __all__ = ["HAPOGRPOTrainer", "unsupported_options", "SUPPORTED_LOSS_TYPES", "TE
 TESTED_TRL = "1.16.0"       # the version `make test-integrations` checks against TRL's own loss
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
-# HAPOConfig fields that GRPOConfig owns in this trainer: they must stay at their defaults
-# (set the GRPOConfig field instead) so that no value is silently dropped.
+# HAPOConfig fields (and fields of its loss / advantages options) that GRPOConfig owns in
+# this trainer: they must stay at their defaults (set the GRPOConfig field instead) so that
+# no value is silently dropped.
 _OWNED_BY_GRPO_CONFIG = {
     "group_size": "num_generations", "max_new_tokens": "max_completion_length",
-    "temperature": "temperature", "eos_token_id": "the tokenizer's eos token",
-    "pad_token_id": "the tokenizer's pad token", "scale": "scale_rewards",
-    "eps_low": "epsilon", "eps_high": "epsilon_high", "dual_clip": "delta", "beta": "beta",
-    "entropy_coef": "entropy_coef", "importance_sampling": "importance_sampling_level",
-    "aggregation": "loss_type", "ppo_epochs": "num_iterations",
-    "micro_batch_size": "per_device_train_batch_size", "max_grad_norm": "max_grad_norm",
-    "seed": "seed", "progress": "disable_tqdm",
+    "eos_token_id": "the tokenizer's eos token", "pad_token_id": "the tokenizer's pad token",
+    "advantages.scale": "scale_rewards", "loss.temperature": "temperature",
+    "loss.eps_low": "epsilon", "loss.eps_high": "epsilon_high", "loss.dual_clip": "delta",
+    "loss.beta": "beta", "loss.entropy_coef": "entropy_coef",
+    "loss.importance_sampling": "importance_sampling_level", "loss.aggregation": "loss_type",
+    "loss.normalizer": "loss_type", "loss.max_len": "max_completion_length",
+    "ppo_epochs": "num_iterations", "micro_batch_size": "per_device_train_batch_size",
+    "max_grad_norm": "max_grad_norm", "seed": "seed", "progress": "disable_tqdm",
 }
+
+
+def _field(config, dotted: str):
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def unsupported_options(args: GRPOConfig, hapo: Optional[HAPOConfig] = None) -> list:
@@ -87,8 +95,8 @@ def unsupported_options(args: GRPOConfig, hapo: Optional[HAPOConfig] = None) -> 
                        "HAPO (SSI needs one scalar reward per rollout)")
         defaults = HAPOConfig()
         for name, owner in _OWNED_BY_GRPO_CONFIG.items():
-            if getattr(hapo, name) != getattr(defaults, name):
-                bad.append(f"HAPOConfig.{name}={getattr(hapo, name)!r} (set {owner} in GRPOConfig)")
+            if _field(hapo, name) != _field(defaults, name):
+                bad.append(f"HAPOConfig.{name}={_field(hapo, name)!r} (set {owner} in GRPOConfig)")
     return bad
 
 
@@ -156,8 +164,8 @@ class HAPOGRPOTrainer(GRPOTrainer):
     Args (beyond ``GRPOTrainer``'s):
         hapo: a ``HAPOConfig`` to turn HAPO on (gate, SSI, shaped teacher objective).
             Its rollout/loss fields belong to ``GRPOConfig`` here and must stay at their
-            defaults; the gate, ``teacher_*``, ``stats``, ``adv_eps`` and ``inject`` fields
-            are used.
+            defaults; the gate fields, ``inject``, the teacher objective of ``loss`` and the
+            ``advantages`` options (but ``scale``) are used.
         teacher_column: the dataset column with each prompt's teacher demonstration: a
             completion string (tokenized, EOS appended) or token ids; None: no demo.
         fused_linear: compute log-probs, entropies and the loss from the last hidden state
@@ -200,15 +208,11 @@ class HAPOGRPOTrainer(GRPOTrainer):
                 raise ValueError(f"HAPO needs the teacher demonstrations in the dataset column "
                                  f"{teacher_column!r}; the train dataset has {cols}")
             self._hapo_gate = hapo.make_gate()
-        # Loss options checked once here, so a bad value fails at construction.
-        self._loss_kwargs = dict(
+        # The loss options, built and checked once here: a bad value fails at construction.
+        self._loss_options = (hapo.loss if hapo else LossOptions()).replace(
             temperature=self.temperature, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
             dual_clip=args.delta, beta=self.beta,
-            importance_sampling=self.importance_sampling_level,
-            teacher_objective=hapo.teacher_objective if hapo else "shaped",
-            teacher_gamma=hapo.teacher_gamma if hapo else O.TEACHER_GAMMA,
-            sft_weight=hapo.sft_weight if hapo else 1.0)
-        self._opts = O.parse_loss_options(aggregation=self.loss_type, **self._loss_kwargs)
+            importance_sampling=self.importance_sampling_level, aggregation=self.loss_type)
         # The logits' storage takes their gradient unless the model's forward saved them for
         # its own backward (a tanh soft-cap does); autograd would refuse that loudly.
         text_config = self.model.config.get_text_config()
@@ -302,7 +306,7 @@ class HAPOGRPOTrainer(GRPOTrainer):
             ids = input_ids[start:start + batch_size]
             am = attention_mask[start:start + batch_size]
             targets = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0,
-                                                           O.IGNORE_INDEX)
+                                                           IGNORE_INDEX)
             if self.fused_linear:
                 hidden, weight, bias = self._completion_hidden(model, ids, am, logits_to_keep)
                 with torch.autocast(hidden.device.type, enabled=False):
@@ -346,8 +350,8 @@ class HAPOGRPOTrainer(GRPOTrainer):
         normalizer, max_len, divide_by = self._aggregation(inputs, mode)
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
         common = dict(mask=mask, old_logp=inputs.get("old_per_token_logps"), ref_logp=ref,
-                      teacher_mask=inputs.get("teacher_mask"), aggregation=self.loss_type,
-                      normalizer=normalizer, max_len=max_len, **self._loss_kwargs)
+                      teacher_mask=inputs.get("teacher_mask"), options=self._loss_options,
+                      normalizer=normalizer, max_len=max_len)
         K = completion_ids.size(1)
         if self.fused_linear:
             hidden, weight, bias = self._completion_hidden(model, input_ids, attention_mask, K)
@@ -359,23 +363,13 @@ class HAPOGRPOTrainer(GRPOTrainer):
             logits = self._completion_logits(model, input_ids, attention_mask, K)
             out = hk.fused_hapo_loss(logits, completion_ids, inputs["advantages"],
                                      inplace_grad=self._inplace_grad, **common)
-        self._log_loss_metrics(out, inputs, mask, ref, mode)
+        self._log_loss_metrics(out, mask, mode)
         return out.loss / divide_by
 
     @torch.no_grad()
-    def _log_loss_metrics(self, out, inputs, mask, ref, mode):
-        """TRL's loss metrics (names and reductions), from the per-token outputs."""
+    def _log_loss_metrics(self, out, mask, mode):
+        """TRL's loss metrics (names and reductions), from the kernel's per-token outputs."""
         valid = mask.bool()
-        adv = inputs["advantages"].double()
-        adv = adv[:, None].expand(valid.shape) if adv.dim() == 1 else adv
-        teacher = inputs.get("teacher_mask")
-        if teacher is not None:
-            teacher = teacher.bool()[:, None].expand(valid.shape) if teacher.dim() == 1 else teacher.bool()
-        old = inputs.get("old_per_token_logps")
-        obj = token_objective(out.per_token_logp.double(), out.per_token_entropy.double(), adv,
-                              valid, old_logp=None if old is None else old.double(),
-                              ref_logp=None if ref is None else ref.double(), teacher=teacher,
-                              opts=self._opts)
         m = mask.float()
         sequence = self.importance_sampling_level == "sequence"
 
@@ -392,9 +386,9 @@ class HAPOGRPOTrainer(GRPOTrainer):
 
         metrics = self._metrics[mode]
         if self.beta != 0.0:
-            metrics["kl"].append(global_mean(obj["kl"].float()))
+            metrics["kl"].append(global_mean(out.per_token_kl))
         metrics["entropy"].append(global_mean(out.per_token_entropy))
-        low, high = obj["clip_low"], obj["clip_high"]
+        low, high = out.per_token_clip_low, out.per_token_clip_high
         region = low | high
         for name, flag in (("low_mean", low), ("high_mean", high), ("region_mean", region)):
             value = global_mean(seq_flags(flag), True) if sequence else global_mean(flag.float())
@@ -461,11 +455,11 @@ class HAPOGRPOTrainer(GRPOTrainer):
                  "completion_mask": output["completion_mask"], "rewards": rewards,
                  "prompt_index": torch.arange(P, device=device).repeat_interleave(G)}
         new, replaced = inject_successes(batch, demos, inject, G,
-                                         teacher_reward=self.hapo.teacher_reward,
+                                         teacher_reward=self.hapo.advantages.teacher_reward,
                                          pad_token_id=pad)
         injected = replaced >= 0
-        adv_kwargs = dict(self.hapo.advantage_kwargs(), scale=self.scale_rewards)
-        advantages, replaced_adv = hk.group_advantages(rewards, G, injected, **adv_kwargs)
+        advantages, replaced_adv = hk.group_advantages(
+            rewards, G, injected, options=self.hapo.advantages.replace(scale=self.scale_rewards))
         assert torch.equal(replaced_adv, replaced), "SSI and group_advantages disagree"
 
         output["completion_ids"] = new["completion_ids"]

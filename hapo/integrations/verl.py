@@ -26,8 +26,7 @@ import verl.utils.torch_functional as verl_F
 from verl.trainer.ppo.core_algos import agg_loss, register_adv_est, register_policy_loss
 
 import hapo_kernels as hk
-from hapo_kernels import options as O
-from hapo_kernels.reference import token_objective
+from hapo_kernels.objective import token_objective
 
 from ..config import HAPOConfig
 
@@ -113,9 +112,7 @@ def compute_policy_loss_hapo(old_log_prob, log_prob, advantages, response_mask,
     """
     low, high, c = _clip_options(config)
     cfg = _state["config"]
-    opts = O.parse_loss_options(eps_low=low, eps_high=high, dual_clip=c,
-                                teacher_objective=cfg.teacher_objective,
-                                teacher_gamma=cfg.teacher_gamma, sft_weight=cfg.sft_weight)
+    opts = cfg.loss.replace(eps_low=low, eps_high=high, dual_clip=c)
     valid = response_mask.bool()
     teacher = None
     if teacher_mask is not None:
@@ -123,16 +120,16 @@ def compute_policy_loss_hapo(old_log_prob, log_prob, advantages, response_mask,
         teacher = teacher[:, None].expand(valid.shape) if teacher.dim() == 1 else teacher
     obj = token_objective(log_prob, None, advantages, valid, old_logp=old_log_prob,
                           teacher=teacher, opts=opts)
-    pg_losses = obj["loss"]
+    pg_losses = obj.loss
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     pg_loss = agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode,
                        **config.global_batch_info)
 
     on_policy = valid if teacher is None else valid & ~teacher
-    dual = (obj["ratio"] > c) & (advantages < 0) & on_policy
+    dual = (obj.ratio > c) & (advantages < 0) & on_policy
     metrics = {
-        "actor/pg_clipfrac": verl_F.masked_mean((obj["clip_low"] | obj["clip_high"]).float(),
+        "actor/pg_clipfrac": verl_F.masked_mean((obj.clip_low | obj.clip_high).float(),
                                                 response_mask).item(),
         "actor/ppo_kl": verl_F.masked_mean((old_log_prob - log_prob).detach(), response_mask).item(),
         "actor/pg_clipfrac_lower": verl_F.masked_mean(dual.float(), response_mask).item(),
@@ -184,8 +181,8 @@ def compute_hapo_outcome_advantage(token_level_rewards, response_mask, index,
     else:
         inject = torch.as_tensor(np.asarray(inject), dtype=torch.bool, device=scores.device)
     adv_sorted, replaced = hk.group_advantages(
-        rewards, G, inject, teacher_reward=cfg.teacher_reward,
-        scale="group" if norm_adv_by_std_in_grpo else "none", stats=cfg.stats, eps=epsilon)
+        rewards, G, inject, options=cfg.advantages.replace(
+            scale="group" if norm_adv_by_std_in_grpo else "none", eps=epsilon))
     adv = torch.empty_like(scores)
     adv[order] = adv_sorted.to(scores.dtype)
     hit = torch.nonzero(replaced >= 0).flatten()

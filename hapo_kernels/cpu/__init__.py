@@ -1,1 +1,6 @@
-"""Chunked torch implementations used on CPU tensors (DESIGN section 2)."""
+"""The chunked torch backend for CPU tensors (``backends.Backend``), a file per op."""
+from .advantages import group_advantages
+from .logprobs import grad_logits, row_stats
+from .loss import token_loss
+
+__all__ = ["row_stats", "grad_logits", "token_loss", "group_advantages"]

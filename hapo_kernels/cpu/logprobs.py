@@ -81,7 +81,7 @@ def store_rows(dst: torch.Tensor, value: torch.Tensor):
     dst.copy_(value.view(dst.shape))
 
 
-def _targets(target_ids: torch.Tensor, ignore_index: int, V: int):
+def safe_targets(target_ids: torch.Tensor, ignore_index: int, V: int):
     """Flat safe targets (0 where ignored or outside ``[0, V)``), held and valid masks.
 
     A target outside ``[0, V)`` other than ``ignore_index`` is one that a vocabulary
@@ -164,7 +164,7 @@ def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=Non
     if out is None:
         out = tuple(torch.empty(rows, dtype=torch.float32, device=logits.device)
                     for _ in range(4))
-    safe, _, valid = _targets(target_ids, ignore_index, V)
+    safe, _, valid = safe_targets(target_ids, ignore_index, V)
     inv_t = 1.0 / float(temperature)
     for r0, r1 in row_ranges(logits, chunk_rows(V)):
         z, owned = scaled_rows(row_view(logits, r0, r1), inv_t)
@@ -191,7 +191,7 @@ def grad_logits(logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature=1.0,
     rows, V = target_ids.numel(), logits.shape[-1]
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    safe, held, valid = _targets(target_ids, ignore_index, V)
+    safe, held, valid = safe_targets(target_ids, ignore_index, V)
     inv_t = 1.0 / float(temperature)
     lse, spz = lse.reshape(-1, 1).float(), sum_pz.reshape(-1, 1).float()
     a = (torch.zeros_like(lse) if g_logp is None else g_logp.reshape(-1, 1).float()) * inv_t

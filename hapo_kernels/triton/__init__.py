@@ -1,1 +1,7 @@
-"""Triton kernels: run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+"""The Triton backend (``backends.Backend``): CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``. A file per op; nothing here imports the CPU backend."""
+from .advantages import group_advantages
+from .logprobs import grad_logits, row_stats
+from .loss import token_loss
+
+__all__ = ["row_stats", "grad_logits", "token_loss", "group_advantages"]

@@ -1,4 +1,4 @@
-"""Group advantages with SSI substitution: a Triton kernel (DESIGN section 6).
+"""Group advantages with SSI substitution: a Triton kernel (docs/design.md section 6).
 
 One program per group; the group's G rewards sit in one block (G padded to a power of two).
 The program substitutes the worst member of an injected group (first index on ties) by
@@ -9,15 +9,18 @@ and a second launch divides by that std.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ..options import SCALE_CODE, STATS_CODE
+from ..options import SCALE_CODE, STATS_CODE, AdvantageOptions
 
 
+@triton.heuristics({"HAS_INJECT": lambda args: args["inject_ptr"] is not None})
 @triton.jit
-def _group_advantages_kernel(r_ptr, inject_ptr, adv_ptr, r_sub_ptr, member_ptr, replaced_ptr,
+def group_advantages_kernel(r_ptr, inject_ptr, adv_ptr, r_sub_ptr, member_ptr, replaced_ptr,
                              batch_std_ptr, G, teacher_reward, eps,
                              HAS_INJECT: tl.constexpr, SCALE: tl.constexpr,
                              STATS: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -71,7 +74,8 @@ def _batch_std(r_sub: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     return torch.where(n >= 2, var.sqrt(), torch.zeros_like(var)).reshape(1)
 
 
-def group_advantages(rewards, group_size, inject, teacher_reward, scale, stats, eps):
+def group_advantages(rewards: torch.Tensor, group_size: int, inject: Optional[torch.Tensor],
+                     opts: AdvantageOptions) -> Tuple[torch.Tensor, torch.Tensor]:
     """float32 advantages ``[P*G]`` and int64 replaced indices ``[P]`` (validated inputs)."""
     device = rewards.device
     G = group_size
@@ -83,18 +87,17 @@ def group_advantages(rewards, group_size, inject, teacher_reward, scale, stats, 
     r = rewards.reshape(-1).to(torch.float32).contiguous()
     r_sub = torch.empty_like(adv)
     member = torch.empty(P * G, dtype=torch.int8, device=device)
-    inj = r if inject is None else inject.reshape(-1).to(torch.int8).contiguous()
+    inj = None if inject is None else inject.reshape(-1).to(torch.int8).contiguous()
     block = max(16, triton.next_power_of_2(G))
 
     def launch(scale_code, batch_std):
-        _group_advantages_kernel[(P,)](
-            r, inj, adv, r_sub, member, replaced, batch_std, G, float(teacher_reward),
-            float(eps), HAS_INJECT=inject is not None, SCALE=scale_code,
-            STATS=STATS_CODE[stats], BLOCK_G=block)
+        group_advantages_kernel[(P,)](
+            r, inj, adv, r_sub, member, replaced, batch_std, G, float(opts.teacher_reward),
+            float(opts.eps), SCALE=scale_code, STATS=STATS_CODE[opts.stats], BLOCK_G=block)
 
-    if scale == "batch":
-        launch(SCALE_CODE["none"], adv)             # substituted rewards and members
+    if opts.scale == "batch":
+        launch(SCALE_CODE["none"], None)            # substituted rewards and members
         launch(SCALE_CODE["batch"], _batch_std(r_sub, member))
     else:
-        launch(SCALE_CODE[scale], adv)
+        launch(SCALE_CODE[opts.scale], None)
     return adv, replaced

@@ -1,4 +1,4 @@
-"""Selective log-softmax: Triton kernels (DESIGN section 3).
+"""Selective log-softmax: Triton kernels (docs/design.md section 3).
 
 Internal API, the same as ``hapo_kernels.cpu.logprobs``:
 
@@ -17,9 +17,7 @@ import triton
 import triton.language as tl
 
 from ..layout import row_layout
-from .rows import row_offset
-
-MAX_BLOCK_V = 4096
+from .rows import block_v, num_warps, row_offset
 
 
 @triton.jit
@@ -63,7 +61,7 @@ def row_logsumexp(x_row, n_cols, V, inv_temp, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _row_stats_kernel(x_ptr, y_ptr, logp_ptr, ent_ptr, lse_ptr, spz_ptr,
+def row_stats_kernel(x_ptr, y_ptr, logp_ptr, ent_ptr, lse_ptr, spz_ptr,
                       T, V, stride_b, stride_t, inv_temp, ignore_index,
                       BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -85,8 +83,10 @@ def _row_stats_kernel(x_ptr, y_ptr, logp_ptr, ent_ptr, lse_ptr, spz_ptr,
     tl.store(spz_ptr + row, tl.where(valid, m + w / s, 0.0))
 
 
+@triton.heuristics({"HAS_LOGP": lambda args: args["gl_ptr"] is not None,
+                    "HAS_ENT": lambda args: args["ge_ptr"] is not None})
 @triton.jit
-def _grad_logits_kernel(x_ptr, y_ptr, lse_ptr, spz_ptr, gl_ptr, ge_ptr, dx_ptr,
+def grad_logits_kernel(x_ptr, y_ptr, lse_ptr, spz_ptr, gl_ptr, ge_ptr, dx_ptr,
                         T, V, stride_b, stride_t, dstride_b, dstride_t, inv_temp, ignore_index,
                         HAS_LOGP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -123,14 +123,6 @@ def _grad_logits_kernel(x_ptr, y_ptr, lse_ptr, spz_ptr, gl_ptr, ge_ptr, dx_ptr,
         tl.store(dx_row + idx, dx.to(dx_ptr.dtype.element_ty), mask=in_row)
 
 
-def _block_v(V: int) -> int:
-    return min(MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
-
-
-def _num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
-
-
 def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=None,
               need_entropy=True):
     """float32 ``(logp, entropy, lse, sum_pz)`` per row; all four are 0 on ignored rows.
@@ -147,11 +139,11 @@ def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=Non
         return out
     L = row_layout(logits)
     y = target_ids.reshape(-1).contiguous()     # the kernels index it as y_ptr + row
-    block = _block_v(L.V)
-    _row_stats_kernel[(rows,)](
+    block = block_v(L.V)
+    row_stats_kernel[(rows,)](
         logits, y, *out, L.T, L.V, L.stride_b, L.stride_t,
         1.0 / float(temperature), int(ignore_index),
-        BLOCK_V=block, num_warps=_num_warps(block))
+        BLOCK_V=block, num_warps=num_warps(block))
     return out
 
 
@@ -175,11 +167,9 @@ def grad_logits(logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature=1.0,
         return None if t is None else t.reshape(-1).to(torch.float32).contiguous()
 
     lse, spz, gl, ge = per_row(lse), per_row(sum_pz), per_row(g_logp), per_row(g_ent)
-    block = _block_v(L.V)
-    _grad_logits_kernel[(rows,)](
-        logits, y, lse, spz, lse if gl is None else gl, lse if ge is None else ge, out,
-        L.T, L.V, L.stride_b, L.stride_t, D.stride_b, D.stride_t,
-        1.0 / float(temperature), int(ignore_index),
-        HAS_LOGP=gl is not None, HAS_ENT=ge is not None,
-        BLOCK_V=block, num_warps=_num_warps(block))
+    block = block_v(L.V)
+    grad_logits_kernel[(rows,)](
+        logits, y, lse, spz, gl, ge, out, L.T, L.V, L.stride_b, L.stride_t, D.stride_b,
+        D.stride_t, 1.0 / float(temperature), int(ignore_index),
+        BLOCK_V=block, num_warps=num_warps(block))
     return out

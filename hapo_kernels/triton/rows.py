@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import scoped
+from ..backends import scoped
 
 _programs_per_sm: contextvars.ContextVar = contextvars.ContextVar("hapo_programs_per_sm",
                                                                   default=None)
@@ -68,3 +68,16 @@ def row_grid(rows: int, device: torch.device) -> tuple:
     if k is None:
         return (rows,)
     return (max(1, min(rows, k * sm_count(device))),)
+
+
+MAX_BLOCK_V = 4096
+
+
+def block_v(V: int) -> int:
+    """Vocabulary columns a program reads per block: the row rounded up to a power of two,
+    between 16 and ``MAX_BLOCK_V``."""
+    return min(MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
+
+
+def num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4

@@ -1,10 +1,10 @@
-"""Backend choice and the interpreter version check (hapo_kernels.dispatch)."""
+"""Backend choice and the interpreter version check (hapo_kernels.backends)."""
 import numpy
 import pytest
 import torch
 import triton
 
-from hapo_kernels import dispatch
+from hapo_kernels import backends
 
 
 @pytest.mark.parametrize("triton_v, numpy_v, broken", [
@@ -17,19 +17,19 @@ from hapo_kernels import dispatch
     ("3.6.0+cu130", "2.4.0rc1", True),
 ])
 def test_interpreter_problem(triton_v, numpy_v, broken):
-    problem = dispatch.interpreter_problem(triton_v, numpy_v)
+    problem = backends.interpreter_problem(triton_v, numpy_v)
     assert (problem is not None) == broken
     if broken:
         assert triton_v in problem and "numpy<2.4" in problem
 
 
 def test_check_interpreter_matches_the_installed_versions():
-    expected = dispatch.interpreter_problem(triton.__version__, numpy.__version__)
+    expected = backends.interpreter_problem(triton.__version__, numpy.__version__)
     if expected is None:
-        dispatch.check_interpreter()
+        backends.check_interpreter()
     else:
         with pytest.raises(RuntimeError, match="numpy<2.4"):
-            dispatch.check_interpreter()
+            backends.check_interpreter()
 
 
 def test_interpreter_dispatch_raises_before_any_kernel(monkeypatch):
@@ -38,12 +38,12 @@ def test_interpreter_dispatch_raises_before_any_kernel(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     monkeypatch.setattr(numpy, "__version__", "2.4.6")
     with pytest.raises(RuntimeError, match="Triton 3.6.0's interpreter"):
-        dispatch.backend_for(torch.zeros(2))
+        backends.backend_name(torch.zeros(2))
 
 
 def test_cpu_tensors_without_the_interpreter_take_the_cpu_path(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert dispatch.backend_for(torch.zeros(2)) == "cpu"
+    assert backends.backend_name(torch.zeros(2)) == "cpu"
     with pytest.raises(ValueError, match="not one of"):
-        with dispatch.force_backend("cuda"):
+        with backends.force_backend("cuda"):
             pass

@@ -1,10 +1,9 @@
 """The LM head fused with the loss, chunk by chunk: the ``[N, V]`` logits never exist.
 
-Torch matmuls (MKL on CPU, cuBLAS on CUDA) make one chunk of logits at a time,
-``[rows, V]`` or, where even one row chunk of the whole vocabulary is too large,
-``[rows, vocab]`` blocks. The backend's ops (``ops``: the ``cpu`` or ``triton`` ``loss`` and
-``logprobs`` modules) turn a full-width chunk into its loss and its gradient, written over
-the chunk itself; the gradient then goes straight into the hidden / weight / bias
+Device-neutral: torch matmuls (MKL on CPU, cuBLAS on CUDA) make one chunk of logits at a
+time, ``[rows, V]`` or, where even one row chunk of the whole vocabulary is too large,
+``[rows, vocab]`` blocks. The chunk's backend (``backends.Backend``) turns a full-width chunk
+into its loss and its gradient, written over the chunk itself; the gradient then goes straight into the hidden / weight / bias
 gradients (``Grads``) and the chunk is dropped. Vocabulary blocks use the torch code below:
 an online logsumexp across blocks (the stats pass), then the gradient block by block.
 
@@ -15,17 +14,20 @@ Three drivers, all over token chunks:
 * ``stats_pass`` then ``grad_pass``: everything else (sequence-level ratios, which couple a
   sequence's tokens across chunks; vocabulary blocks; the selective log-softmax, whose
   backward only knows its upstream gradients later). Logits are made twice. For the loss,
-  ``HeadOps`` wraps the two as a logprobs module's ``row_stats`` / ``grad_logits``, so that
-  ``cpu.loss.sequence_level`` (the same objective step as on logits) drives them.
+  ``HeadOps`` wraps the two as a backend's ``row_stats`` / ``grad_logits``, so that
+  ``twopass.two_pass_loss`` (the same objective step as on logits) drives them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 
-from .loss import RowInputs
+from .backends import Backend
+from .inputs import LossInputs
+from .options import LossOptions, positive_int
+from .outputs import TokenResults, new_buffer
 
 # Default size of one float32 [rows, vocab] slice (a chunk of logits and its temporaries).
 # GPU: big enough for cuBLAS to run at full speed, small next to the 5 GB it replaces at
@@ -44,16 +46,9 @@ class Chunks:
         return self.vocab < V
 
 
-def _positive_int(name, value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
-
-
-def plan_chunks(N: int, V: int, device: torch.device, dtype=torch.float32, chunk_size=None,
-                vocab_chunk_size=None) -> Chunks:
+def plan_chunks(N: int, V: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                chunk_size: Optional[int] = None,
+                vocab_chunk_size: Optional[int] = None) -> Chunks:
     """Token rows per chunk and vocabulary columns per block.
 
     Default: ``rows = CHUNK_BYTES // (e V)`` (256 MiB on CUDA, 32 MiB on CPU) so that one
@@ -64,8 +59,8 @@ def plan_chunks(N: int, V: int, device: torch.device, dtype=torch.float32, chunk
     split into blocks of ``CHUNK_BYTES // (e rows)`` columns. ``chunk_size`` /
     ``vocab_chunk_size`` override.
     """
-    chunk_size = _positive_int("chunk_size", chunk_size)
-    vocab_chunk_size = _positive_int("vocab_chunk_size", vocab_chunk_size)
+    chunk_size = positive_int("chunk_size", chunk_size, allow_none=True)
+    vocab_chunk_size = positive_int("vocab_chunk_size", vocab_chunk_size, allow_none=True)
     kind = "cuda" if device.type == "cuda" else "cpu"
     budget, min_rows = CHUNK_BYTES[kind], MIN_ROWS[kind]
     e = torch.empty((), dtype=dtype).element_size() if kind == "cuda" else 4
@@ -79,11 +74,12 @@ def plan_chunks(N: int, V: int, device: torch.device, dtype=torch.float32, chunk
     return Chunks(rows=max(1, min(rows, N)), vocab=min(vocab, V))
 
 
-def ranges(n: int, step: int):
+def ranges(n: int, step: int) -> List[Tuple[int, int]]:
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
-def logits_block(h, weight, bias, v0: int, v1: int) -> torch.Tensor:
+def logits_block(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], v0: int,
+                 v1: int) -> torch.Tensor:
     """``h @ weight[v0:v1].T + bias[v0:v1]`` in the inputs' dtype (the GEMM accumulates in fp32)."""
     w = weight[v0:v1]
     if bias is None:
@@ -94,7 +90,7 @@ def logits_block(h, weight, bias, v0: int, v1: int) -> torch.Tensor:
 _MIXED_MM_OK = {"cuda": True}
 
 
-def addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+def addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` where ``acc`` may be float32 and ``a``, ``b`` bf16 / fp16.
 
     CUDA: cuBLAS writes the float32 sum itself (``out_dtype``), no temporary. Elsewhere
@@ -120,11 +116,12 @@ class Grads:
     and ``fp32_accumulate`` (the default), else in their own dtype.
     """
 
-    def __init__(self, hidden, weight, bias, need_hidden: bool, need_weight: bool,
-                 need_bias: bool, fp32_accumulate: bool, empty):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 need_hidden: bool, need_weight: bool, need_bias: bool,
+                 fp32_accumulate: bool):
         acc = torch.float32 if fp32_accumulate else weight.dtype
         self.dtype = weight.dtype
-        self.h = empty(hidden.shape, hidden.dtype, hidden.device) if need_hidden else None
+        self.h = new_buffer(hidden.shape, hidden.dtype, hidden.device) if need_hidden else None
         self.w = (torch.zeros(weight.shape, dtype=acc, device=weight.device)
                   if need_weight else None)
         self.b = (torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
@@ -152,27 +149,18 @@ class Grads:
         return self.h, cast(self.w), cast(self.b)
 
 
-def slice_rows(x: RowInputs, r0: int, r1: int) -> RowInputs:
-    """Rows ``r0..r1`` of the loss inputs, as a packed batch (token-level terms only)."""
-    def cut(t):
-        return None if t is None else t[r0:r1]
-    return RowInputs(B=1, T=r1 - r0, targets=x.targets[r0:r1], ignore_index=x.ignore_index,
-                     valid=x.valid[r0:r1], advantages=x.advantages[r0:r1],
-                     old_logp=cut(x.old_logp), ref_logp=cut(x.ref_logp),
-                     teacher=x.teacher[r0:r1], weights=x.weights[r0:r1])
-
-
-def fused_pass(hidden, weight, bias, x: RowInputs, opts, out: dict, grads: Optional[Grads],
-               chunks: Chunks, loss_ops):
+def fused_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               inputs: LossInputs, opts: LossOptions, out: TokenResults,
+               grads: Optional[Grads], chunks: Chunks, backend: Backend) -> None:
     """Token-level loss over full-width chunks: logits, loss + gradient in place, matmuls."""
     V = weight.shape[0]
     want = grads is not None and grads.any
     for r0, r1 in ranges(hidden.shape[0], chunks.rows):
         h = hidden[r0:r1]
         z = logits_block(h, weight, bias, 0, V)
-        part = {k: None if v is None else v[r0:r1] for k, v in out.items()}
         # The gradient overwrites the chunk's logits (each block is read before written).
-        loss_ops.hapo_loss_rows(z, slice_rows(x, r0, r1), opts, part, z if want else None)
+        backend.token_loss(z, inputs.slice_rows(r0, r1), opts, out.slice_rows(r0, r1),
+                           z if want else None)
         if want:
             grads.add(r0, r1, h, z, weight, 0, V)
 
@@ -204,8 +192,9 @@ def _block_stats(z, y, v0, inv_t, state):
     return [m_new, s, w, torch.where(here, z_y, zy)]
 
 
-def stats_pass(hidden, weight, bias, targets, temperature, ignore_index, chunks: Chunks,
-               logprob_ops, out):
+def stats_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               targets: torch.Tensor, temperature: float, ignore_index: int, chunks: Chunks,
+               backend: Backend, out: tuple) -> None:
     """float32 ``(logp, entropy, lse, sum_pz)`` of every row into ``out`` (0 on ignored rows)."""
     V = weight.shape[0]
     inv_t = 1.0 / float(temperature)
@@ -214,7 +203,7 @@ def stats_pass(hidden, weight, bias, targets, temperature, ignore_index, chunks:
         dst = tuple(o[r0:r1] for o in out)
         if not chunks.split(V):
             z = logits_block(h, weight, bias, 0, V)
-            logprob_ops.row_stats(z, y, temperature, ignore_index, out=dst)
+            backend.row_stats(z, y, temperature, ignore_index, out=dst)
             continue
         valid = y != ignore_index
         yl = torch.where(valid, y, torch.zeros_like(y)).long()
@@ -228,24 +217,28 @@ def stats_pass(hidden, weight, bias, targets, temperature, ignore_index, chunks:
 
 
 class HeadOps:
-    """A backend's logprobs ``ops`` (``row_stats`` / ``grad_logits``) over the logits
-    ``hidden @ weight.T + bias``, made chunk by chunk: ``cpu.loss.sequence_level`` runs on it
+    """A backend's ``row_stats`` / ``grad_logits`` over the logits
+    ``hidden @ weight.T + bias``, made chunk by chunk: ``twopass.two_pass_loss`` runs on it
     unchanged, given the hidden states for the logits and a ``Grads`` for their gradient."""
 
-    def __init__(self, weight, bias, chunks: Chunks, ops):
-        self.weight, self.bias, self.chunks, self.ops = weight, bias, chunks, ops
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], chunks: Chunks,
+                 backend: Backend):
+        self.weight, self.bias, self.chunks, self.backend = weight, bias, chunks, backend
 
-    def row_stats(self, hidden, targets, temperature, ignore_index, *, out):
+    def row_stats(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  ignore_index: int, *, out: tuple) -> tuple:
         stats_pass(hidden, self.weight, self.bias, targets, temperature, ignore_index,
-                   self.chunks, self.ops, out)
+                   self.chunks, self.backend, out)
         return out
 
-    def grad_logits(self, hidden, targets, lse, spz, g_logp, g_ent, temperature, ignore_index,
-                    *, out: Grads):
+    def grad_logits(self, hidden: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                    spz: torch.Tensor, g_logp: Optional[torch.Tensor],
+                    g_ent: Optional[torch.Tensor], temperature: float, ignore_index: int,
+                    *, out: Grads) -> None:
         def flat(t):
             return None if t is None else t.reshape(-1)
         grad_pass(hidden, self.weight, self.bias, targets, lse, spz, flat(g_logp), flat(g_ent),
-                  temperature, ignore_index, self.chunks, self.ops, out)
+                  temperature, ignore_index, self.chunks, self.backend, out)
 
 
 def _block_grad(z, y, valid, v0, lse, spz, gl, ge, inv_t):
@@ -271,8 +264,11 @@ def _block_grad(z, y, valid, v0, lse, spz, gl, ge, inv_t):
     return z
 
 
-def grad_pass(hidden, weight, bias, targets, lse, spz, g_logp, g_ent, temperature,
-              ignore_index, chunks: Chunks, logprob_ops, grads: Grads):
+def grad_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              targets: torch.Tensor, lse: torch.Tensor, spz: torch.Tensor,
+              g_logp: Optional[torch.Tensor], g_ent: Optional[torch.Tensor],
+              temperature: float, ignore_index: int, chunks: Chunks, backend: Backend,
+              grads: Grads) -> None:
     """Make the logits again and push ``dL/dlogits`` (from per-row ``g_logp``, ``g_ent``)
     into ``grads``. ``g_logp`` / ``g_ent`` may be ``None`` (that term is absent)."""
     V, H = weight.shape
@@ -286,8 +282,8 @@ def grad_pass(hidden, weight, bias, targets, lse, spz, g_logp, g_ent, temperatur
         gl, ge = cut(g_logp, r0, r1), cut(g_ent, r0, r1)
         if not chunks.split(V):
             z = logits_block(h, weight, bias, 0, V)
-            logprob_ops.grad_logits(z, y, lse[r0:r1], spz[r0:r1], gl, ge, temperature,
-                                    ignore_index, out=z)
+            backend.grad_logits(z, y, lse[r0:r1], spz[r0:r1], gl, ge, temperature,
+                                ignore_index, out=z)
             grads.add(r0, r1, h, z, weight, 0, V)
             continue
         valid = y != ignore_index

@@ -1,0 +1,148 @@
+"""The one backend registry: which implementation serves which tensor (docs/design.md 2).
+
+A backend is an object (in practice a package, ``hapo_kernels.cpu`` or
+``hapo_kernels.triton``) with the four operations of ``Backend``. CUDA tensors run the Triton
+kernels. With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's
+interpreter (slow: tests). CPU tensors otherwise run the chunked torch path.
+``force_backend`` pins one for a block of code (tests, benchmarks).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Tuple
+
+import torch
+
+if TYPE_CHECKING:
+    from .inputs import LossInputs
+    from .options import AdvantageOptions, LossOptions
+    from .outputs import TokenResults
+
+RowStats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Backend(Protocol):
+    """What a backend provides. All inputs are validated; outputs are float32 ``[rows]``.
+
+    ``row_stats``: per row ``(logp, entropy, lse, sum_pz)`` (0 on ignored rows), into
+    ``out`` when given. ``grad_logits``: ``((onehot - p) g_logp - p (z - sum_pz) g_ent) / T``
+    into ``out`` (which may be the logits). ``token_loss``: the fused token-level loss,
+    results into ``out`` and, when ``grad`` is given, ``dL/dlogits`` into it.
+    ``group_advantages``: float32 ``[P*G]`` advantages and int64 ``[P]`` replaced members.
+    """
+
+    def row_stats(self, logits: torch.Tensor, target_ids: torch.Tensor, temperature: float,
+                  ignore_index: int, *, out: Optional[RowStats] = None,
+                  need_entropy: bool = True) -> RowStats: ...
+
+    def grad_logits(self, logits: torch.Tensor, target_ids: torch.Tensor, lse: torch.Tensor,
+                    sum_pz: torch.Tensor, g_logp: Optional[torch.Tensor],
+                    g_ent: Optional[torch.Tensor], temperature: float, ignore_index: int,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+    def token_loss(self, logits: torch.Tensor, inputs: "LossInputs", opts: "LossOptions",
+                   out: "TokenResults", grad: Optional[torch.Tensor]) -> None: ...
+
+    def group_advantages(self, rewards: torch.Tensor, group_size: int,
+                         inject: Optional[torch.Tensor],
+                         opts: "AdvantageOptions") -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+
+# name -> the module that implements ``Backend`` (imported on first use: triton is optional)
+REGISTRY = {"triton": "hapo_kernels.triton", "cpu": "hapo_kernels.cpu"}
+BACKENDS = tuple(REGISTRY)
+_forced: contextvars.ContextVar = contextvars.ContextVar("hapo_backend", default=None)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _release(version: str) -> tuple:
+    """``"3.6.0+git"`` -> ``(3, 6)``: the two leading numbers of a version string."""
+    parts = version.split(".")
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why Triton's interpreter cannot run our kernels with these versions, or None.
+
+    The kernels skip masked rows with a loop bound read from memory
+    (``range(0, n_cols, BLOCK_V)``). Triton's interpreter before 3.7 turns such a bound
+    into an int with ``int(array)`` on a 1-element array, which NumPy 2.4 made an error
+    (Triton 3.7 squeezes the array first). Compiled kernels are unaffected."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run these kernels with NumPy "
+                f"{numpy_version} (it converts 1-element arrays to int, an error since NumPy "
+                f"2.4; fixed in Triton 3.7). Install 'numpy<2.4' or 'triton>=3.7', or unset "
+                f"TRITON_INTERPRET to use the CPU path.")
+    return None
+
+
+def installed_interpreter_problem() -> Optional[str]:
+    """``interpreter_problem`` for the installed Triton and NumPy (None without Triton)."""
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    return interpreter_problem(triton.__version__, numpy.__version__)
+
+
+def check_interpreter() -> None:
+    """Raise a clear error before the interpreter fails deep inside a kernel."""
+    problem = installed_interpreter_problem()
+    if problem:
+        raise RuntimeError(problem)
+
+
+def backend_name(tensor: torch.Tensor) -> str:
+    """The name of the backend that serves ``tensor`` (see the module docstring)."""
+    forced = _forced.get()
+    if forced == "cpu":
+        if tensor.is_cuda:
+            raise ValueError("the cpu backend runs on CPU tensors; got a CUDA tensor")
+        return "cpu"
+    if tensor.is_cuda:
+        return "triton"
+    if forced == "triton" or triton_interpret():
+        if not triton_interpret():
+            raise ValueError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before "
+                             "the first import of hapo_kernels")
+        check_interpreter()
+        return "triton"
+    return "cpu"
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name`` (``BACKENDS``)."""
+    if name not in REGISTRY:
+        raise ValueError(f"backend={name!r} is not one of {list(BACKENDS)}")
+    return importlib.import_module(REGISTRY[name])
+
+
+def backend_for(tensor: torch.Tensor) -> Backend:
+    """The backend that serves ``tensor``."""
+    return get_backend(backend_name(tensor))
+
+
+@contextlib.contextmanager
+def scoped(var: contextvars.ContextVar, value: Any) -> Iterator[None]:
+    """``var`` holds ``value`` inside the ``with`` block and its old value after it."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def force_backend(name: str) -> contextlib.AbstractContextManager:
+    """Run every op in the ``with`` block on backend ``name`` (``"cpu"`` or ``"triton"``)."""
+    if name not in REGISTRY:
+        raise ValueError(f"backend={name!r} is not one of {list(BACKENDS)}")
+    return scoped(_forced, name)

@@ -1,0 +1,256 @@
+"""Tensor inputs: checked before any kernel or collective runs, then laid out once.
+
+``check_logits_and_targets`` / ``check_target_ids`` / ``check_groups`` raise a ``ValueError``
+naming the argument (docs/design.md section 9). ``LossInputs`` is the one container of the
+loss's per-token inputs, flat ``[rows]`` and contiguous, that every backend, the fused LM head
+and the vocab-parallel path read; ``loss_inputs`` builds it from the caller's arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .aggregation import aggregation_weights
+from .options import IGNORE_INDEX, LOGIT_DTYPES, LossOptions, check_ignore_index
+from .packed import Segments, packed_segments, per_token
+
+
+# --------------------------------------------------------------------------- tensor checks
+def check_target_ids(target_ids: Any, row_shape: Sequence[int], V: int, device: torch.device,
+                     ignore_index: int = IGNORE_INDEX, *, source: str = "logits",
+                     source_shape: Optional[Sequence[int]] = None) -> None:
+    """Integer ``target_ids`` of ``row_shape`` on ``device`` with ids in ``[0, V)``.
+
+    ``row_shape`` / ``device`` are those of ``source`` (the logits, or the hidden states of a
+    fused LM head, whose ``V`` is the head's) without its last dimension; messages name it.
+    Reads the targets once (a reduction on their device).
+    """
+    check_ignore_index(ignore_index)
+    if not isinstance(target_ids, torch.Tensor):
+        raise ValueError(f"target_ids must be a torch.Tensor, got {type(target_ids).__name__}")
+    if target_ids.dtype.is_floating_point or target_ids.dtype.is_complex \
+            or target_ids.dtype == torch.bool:
+        raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
+    if tuple(target_ids.shape) != tuple(row_shape):
+        raise ValueError(f"target_ids must have shape {tuple(row_shape)} to match "
+                         f"{source} {tuple(source_shape or ())}, got {tuple(target_ids.shape)}")
+    if target_ids.device != device:
+        raise ValueError(f"target_ids is on {target_ids.device} but {source} on {device}")
+    valid = target_ids != ignore_index
+    if target_ids.numel() and bool(((target_ids < 0) | (target_ids >= V))[valid].any()):
+        bad = target_ids[valid & ((target_ids < 0) | (target_ids >= V))][0].item()
+        raise ValueError(f"target_ids holds {bad}, outside [0, {V}) (ignore_index="
+                         f"{ignore_index} marks positions to skip)")
+
+
+def check_logits_and_targets(logits: Any, target_ids: Any, ignore_index: int = IGNORE_INDEX,
+                             *, dtypes: Sequence[torch.dtype] = LOGIT_DTYPES,
+                             vocab_size: Optional[int] = None) -> int:
+    """Check shapes, dtypes, devices and the target range; return the number of rows.
+
+    ``logits`` is ``[B, T, V]`` with targets ``[B, T]`` or packed ``[N, V]`` with ``[N]``.
+    The check reads the targets once (a reduction on their device), never the logits.
+    ``vocab_size``: the range of the target ids when ``logits`` holds a slice of the
+    vocabulary (vocab-parallel); ``V`` by default.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() not in (2, 3):
+        raise ValueError("logits must be [B, T, V] or packed [N, V] (a vocabulary dimension "
+                         f"last), got shape {tuple(logits.shape)}")
+    if logits.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"logits must be one of {names}; got {logits.dtype}")
+    V = logits.shape[-1]
+    if V < 1:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    if logits.stride(-1) != 1:
+        raise ValueError("logits must be contiguous in the vocabulary dimension (stride 1); "
+                         "call .contiguous() on the tensor first")
+    check_target_ids(target_ids, logits.shape[:-1], V if vocab_size is None else vocab_size,
+                     logits.device, ignore_index, source_shape=logits.shape)
+    return target_ids.numel()
+
+
+def check_groups(rewards: Any, group_size: Any, inject: Any = None) -> int:
+    """Validate group inputs (docs/design.md section 6); return the number of groups P."""
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+        raise ValueError("rewards must be a 1-D tensor [P*G], got "
+                         f"{getattr(rewards, 'shape', type(rewards).__name__)}")
+    if rewards.dtype.is_complex or rewards.dtype == torch.bool:
+        raise ValueError(f"rewards must be real numbers, got {rewards.dtype}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ValueError(f"group_size must be an int, got {group_size!r}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (group-normalised advantages need at least "
+                         f"two rollouts), got {group_size}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the batch of "
+                         f"{rewards.numel()} rewards")
+    P = rewards.numel() // group_size
+    if inject is not None:
+        if not isinstance(inject, torch.Tensor) or tuple(inject.shape) != (P,):
+            raise ValueError(f"inject must be a bool tensor of shape ({P},), got "
+                             f"{getattr(inject, 'shape', type(inject).__name__)}")
+        if inject.device != rewards.device:
+            raise ValueError(f"inject is on {inject.device} but rewards on {rewards.device}")
+    return P
+
+
+def _per_token_tensor(name: str, tensor: Any, batch_shape: tuple, device: torch.device,
+                      source: str, *, per_sequence_ok: bool,
+                      floating: bool = True) -> Optional[torch.Tensor]:
+    """``tensor`` as ``[B, T]`` (or ``[B]`` where per-sequence values are allowed)."""
+    if tensor is None:
+        return None
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but {source} on {device}")
+    shape2d = batch_shape if len(batch_shape) == 2 else (1, batch_shape[0])
+    if len(batch_shape) == 1:
+        # Packed input without cu_seqlens is one sequence: [N] per token, [1] per sequence.
+        if tuple(tensor.shape) == batch_shape:
+            tensor = tensor.reshape(shape2d)
+        elif per_sequence_ok and tuple(tensor.shape) in ((1,), ()):
+            tensor = tensor.reshape(1)
+    ok = tuple(tensor.shape) == shape2d or (per_sequence_ok and
+                                            tuple(tensor.shape) == (shape2d[0],))
+    if not ok:
+        want = f"{tuple(batch_shape)}" + (f" or ({batch_shape[0]},)"
+                                          if per_sequence_ok and len(batch_shape) == 2 else "")
+        raise ValueError(f"{name} must have shape {want}, got {tuple(tensor.shape)}")
+    if floating and not tensor.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    return tensor
+
+
+# --------------------------------------------------------------------------- the container
+@dataclass
+class LossInputs:
+    """The loss's per-token inputs, validated, flat ``[rows]`` and contiguous (rows = B*T).
+
+    Packed ``[N]`` targets are one row of ``N`` tokens (``B = 1``) unless ``segments`` says
+    where the sequences are. ``valid`` folds the mask and ``ignore_index`` together;
+    per-sequence advantages and teacher flags are broadcast to their tokens; ``weights``
+    are the aggregation weights (``loss = sum(weights * l)``, ``aggregation.py``).
+    """
+    B: int
+    T: int
+    targets: torch.Tensor               # the caller's integer dtype, ignore_index kept
+    ignore_index: int
+    valid: torch.Tensor                 # bool
+    advantages: torch.Tensor            # float32
+    old_logp: Optional[torch.Tensor]    # float32 or None
+    ref_logp: Optional[torch.Tensor]    # float32 or None
+    teacher: torch.Tensor               # bool
+    weights: torch.Tensor               # float32
+    batch_shape: tuple                  # the caller's target shape, for per-token outputs
+    segments: Optional[Segments] = None           # packed sequences (cu_seqlens)
+    vocab_shard: Optional[Any] = None             # distributed.VocabShard
+    computed_advantages: Optional[torch.Tensor] = None   # from rewards= (detached)
+    replaced: Optional[torch.Tensor] = None       # SSI's replaced member per group
+
+    @property
+    def rows(self) -> int:
+        return self.B * self.T
+
+    def token_vectors(self, sl: slice = slice(None)) -> dict:
+        """The per-token vectors ``objective.token_terms`` takes, for a slice of rows."""
+        def cut(t):
+            return None if t is None else t[sl]
+        return dict(valid=self.valid[sl], advantages=self.advantages[sl],
+                    old_logp=cut(self.old_logp), ref_logp=cut(self.ref_logp),
+                    teacher=self.teacher[sl], weights=self.weights[sl])
+
+    def sequence_vectors(self) -> dict:
+        """``token_vectors`` shaped ``[B, T]`` (or packed with ``segments``), for terms that
+        couple the tokens of a sequence."""
+        def shape(t):
+            return None if t is None else t.view(self.B, self.T)
+        vec = {k: shape(v) for k, v in self.token_vectors().items()}
+        vec["segments"] = self.segments
+        return vec
+
+    def slice_rows(self, r0: int, r1: int) -> "LossInputs":
+        """Rows ``r0..r1`` as a packed batch of one sequence (token-level terms only)."""
+        def cut(t):
+            return None if t is None else t[r0:r1]
+        return dataclasses.replace(
+            self, B=1, T=r1 - r0, targets=self.targets[r0:r1], valid=self.valid[r0:r1],
+            advantages=self.advantages[r0:r1], old_logp=cut(self.old_logp),
+            ref_logp=cut(self.ref_logp), teacher=self.teacher[r0:r1],
+            weights=self.weights[r0:r1], batch_shape=(r1 - r0,), segments=None)
+
+
+def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
+                advantages: Optional[torch.Tensor], opts: LossOptions, *, source_name: str,
+                ignore_index: int = IGNORE_INDEX, mask: Optional[torch.Tensor] = None,
+                old_logp: Optional[torch.Tensor] = None,
+                ref_logp: Optional[torch.Tensor] = None,
+                teacher_mask: Optional[torch.Tensor] = None,
+                segments: Optional[Segments] = None, process_group: Any = None,
+                vocab_shard: Any = None, replaced: Optional[torch.Tensor] = None,
+                computed_advantages: Optional[torch.Tensor] = None,
+                dtype: torch.dtype = torch.float32) -> LossInputs:
+    """The loss's tensors checked against ``target_ids`` and laid out as ``LossInputs``.
+
+    ``source`` (named ``source_name`` in errors) is the logits or the fused head's hidden
+    states, whose shape and device ``target_ids`` has already been checked against.
+    """
+    device = source.device
+    batch_shape = tuple(target_ids.shape)
+    shape2d = batch_shape if len(batch_shape) == 2 else (1, batch_shape[0])
+
+    def check(name, t, per_sequence_ok, floating=True):
+        return _per_token_tensor(name, t, batch_shape, device, source_name,
+                                 per_sequence_ok=per_sequence_ok, floating=floating)
+
+    if advantages is None:
+        raise ValueError("advantages is required (or pass rewards= and group_size=)")
+    adv = check("advantages", per_token("advantages", advantages, segments), True)
+    adv = adv[:, None].expand(shape2d) if adv.dim() == 1 else adv
+    old = check("old_logp", old_logp, False)
+    ref = check("ref_logp", ref_logp, False)
+    if opts.beta > 0 and ref is None:
+        raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
+    targets = target_ids.reshape(shape2d)
+    valid = targets != ignore_index
+    if mask is not None:
+        m = check("mask", mask, False, floating=False)
+        valid = valid & (m != 0 if m.dtype.is_floating_point else m.bool())
+    teacher = torch.zeros(shape2d, dtype=torch.bool, device=device)
+    if teacher_mask is not None:
+        t = check("teacher_mask", per_token("teacher_mask", teacher_mask, segments), True,
+                  floating=False)
+        t = t != 0 if t.dtype.is_floating_point else t.bool()
+        teacher = t[:, None].expand(shape2d) if t.dim() == 1 else t
+    weights = aggregation_weights(valid if segments is None else valid.reshape(-1), opts,
+                                  segments, process_group)
+
+    def flat(x, to=dtype):
+        return None if x is None else x.reshape(-1).to(to).contiguous()
+
+    B, T = shape2d
+    return LossInputs(B=B, T=T, targets=targets.reshape(-1).contiguous(),
+                      ignore_index=int(ignore_index), valid=flat(valid, torch.bool),
+                      advantages=flat(adv), old_logp=flat(old), ref_logp=flat(ref),
+                      teacher=flat(teacher, torch.bool), weights=flat(weights),
+                      batch_shape=batch_shape, segments=segments, vocab_shard=vocab_shard,
+                      computed_advantages=computed_advantages, replaced=replaced)
+
+
+def add_teachers(inputs: LossInputs, hit: torch.Tensor) -> None:
+    """Mark more teacher tokens: ``hit`` per sequence, ``[B]`` (``[S]`` with segments)."""
+    if inputs.segments is not None:
+        per_token_hit = inputs.segments.broadcast(hit)
+    else:
+        per_token_hit = hit[:, None].expand(inputs.B, inputs.T).reshape(-1)
+    inputs.teacher = inputs.teacher | per_token_hit
+
+
+__all__ = ["LossInputs", "loss_inputs", "add_teachers", "check_logits_and_targets",
+           "check_target_ids", "check_groups", "packed_segments"]

@@ -1,0 +1,117 @@
+"""The per-token objective table (hapo_kernels.objective) against values worked out by hand.
+
+Each entry's torch formula is the one the CPU path and the float64 reference evaluate; the
+Triton branches are held to it in test_loss.py.
+"""
+import math
+
+import pytest
+import torch
+
+from hapo_kernels.objective import token_objective
+from hapo_kernels.options import LossOptions
+
+
+def objective(logp, A, *, entropy=None, valid=None, **kw):
+    """token_objective on [1, T] float64 vectors built from Python lists."""
+    logp = torch.tensor([logp], dtype=torch.float64)
+    A = torch.tensor([A], dtype=torch.float64).expand_as(logp)
+    ent = torch.zeros_like(logp) if entropy is None else torch.tensor([entropy],
+                                                                      dtype=torch.float64)
+    valid = torch.ones_like(logp, dtype=torch.bool) if valid is None else \
+        torch.tensor([valid])
+    tensors = {k: torch.tensor([kw.pop(k)], dtype=torch.float64)
+               for k in ("old_logp", "ref_logp") if k in kw}
+    teacher = torch.tensor([kw.pop("teacher")]) if "teacher" in kw else None
+    return token_objective(logp, ent, A, valid, teacher=teacher, opts=LossOptions(**kw),
+                           **tensors)._asdict()
+
+
+def test_on_policy_without_old_logp_is_minus_advantage():
+    out = objective([-1.0, -2.0, -0.5], [0.7, -1.3, 2.0])
+    torch.testing.assert_close(out["loss"], torch.tensor([[-0.7, 1.3, -2.0]],
+                                                         dtype=torch.float64))
+    assert torch.all(out["ratio"] == 1)
+
+
+def test_clipping_by_hand():
+    # rho = e^0.5 = 1.6487 > 1.2 with A = 1: clipped, l = -1.2.
+    # rho = e^-0.5 = 0.6065 < 0.8 with A = -1: clipped, l = 0.8.
+    # rho = e^-0.5 with A = +1: not clipped (min picks rho*A), l = -0.6065.
+    # rho = 2 with A = -1: l = -min(-2, -1.2) = 2.
+    logp = [0.0, 0.0, 0.0, math.log(2.0)]
+    old = [-0.5, 0.5, 0.5, 0.0]
+    A = [1.0, -1.0, 1.0, -1.0]
+    out = objective(logp, A, old_logp=old)
+    want = [-1.2, 0.8, -math.exp(-0.5), 2.0]
+    torch.testing.assert_close(out["loss"][0], torch.tensor(want, dtype=torch.float64))
+    assert out["clip_high"][0].tolist() == [True, False, False, False]
+    assert out["clip_low"][0].tolist() == [False, True, False, False]
+    # Dual clip c = 1.5 caps the A < 0 loss at -c*A = 1.5; c = 3 leaves 2 alone.
+    assert objective(logp, A, old_logp=old, dual_clip=1.5)["loss"][0, 3].item() == \
+        pytest.approx(1.5)
+    assert objective(logp, A, old_logp=old, dual_clip=3.0)["loss"][0, 3].item() == \
+        pytest.approx(2.0)
+    # Asymmetric clipping (DAPO's clip-higher).
+    assert objective([0.0], [1.0], old_logp=[-0.5], eps_high=0.28)["loss"].item() == \
+        pytest.approx(-1.28)
+
+
+def test_clipped_tokens_have_no_gradient():
+    logp = torch.tensor([[0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    A = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    old = torch.tensor([[-0.5, 0.0]], dtype=torch.float64)   # rho = 1.65 (clipped), 1
+    out = token_objective(logp, torch.zeros_like(logp), A, valid, old_logp=old,
+                            opts=LossOptions())._asdict()
+    out["loss"].sum().backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1].item() == pytest.approx(-1.0)
+
+
+def test_sequence_importance_sampling_by_hand():
+    # r = [0.05, 0.15] on the valid tokens -> rho = exp(0.1) for both (inside the clip
+    # range); the masked token's r = 5 does not count.
+    out = objective([0.05, 0.15, 5.0], [0.5, 0.5, 0.5], old_logp=[0.0, 0.0, 0.0],
+                    valid=[True, True, False], importance_sampling="sequence")
+    rho = math.exp(0.1)
+    torch.testing.assert_close(out["ratio"][0, :2], torch.full((2,), rho, dtype=torch.float64))
+    torch.testing.assert_close(out["loss"][0], torch.tensor([-0.5 * rho, -0.5 * rho, 0.0],
+                                                            dtype=torch.float64))
+    # The gradient reaches every valid token: d(sum_t l_t)/d logp_s = n * (-A rho / n).
+    logp = torch.tensor([[0.05, 0.15, 5.0]], dtype=torch.float64, requires_grad=True)
+    out = token_objective(logp, torch.zeros_like(logp), torch.full((1, 3), 0.5).double(),
+                            torch.tensor([[True, True, False]]),
+                            old_logp=torch.zeros(1, 3, dtype=torch.float64),
+                            opts=LossOptions(importance_sampling="sequence"))._asdict()
+    out["loss"].sum().backward()
+    torch.testing.assert_close(logp.grad[0], torch.tensor([-0.5 * rho, -0.5 * rho, 0.0],
+                                                          dtype=torch.float64))
+
+
+def test_teacher_objectives_by_hand():
+    logp = [math.log(0.5), math.log(0.5)]
+    A, old = [2.0, 2.0], [math.log(0.5) - 1.0, math.log(0.5) - 1.0]
+    teacher = [True, False]
+    shaped = objective(logp, A, old_logp=old, teacher=teacher)["loss"][0]
+    assert shaped[0].item() == pytest.approx(-2.0 * 0.5 / 0.6)          # -A p / (p + 0.1)
+    assert shaped[1].item() == pytest.approx(-2.0 * 1.2)                # on-policy, clipped
+    gamma = objective(logp, A, teacher=teacher, teacher_gamma=0.5)["loss"][0, 0]
+    assert gamma.item() == pytest.approx(-2.0 * 0.5 / 1.0)
+    sft = objective(logp, A, teacher=teacher, teacher_objective="sft", sft_weight=0.3)
+    assert sft["loss"][0, 0].item() == pytest.approx(0.3 * math.log(2.0))
+    ratio = objective(logp, A, old_logp=old, teacher=teacher, teacher_objective="ratio")
+    assert ratio["loss"][0, 0].item() == pytest.approx(-2.0 * 1.2)
+
+
+def test_kl_and_entropy_terms_by_hand():
+    d = 0.4                                              # ref - logp
+    out = objective([-1.0], [1.0], ref_logp=[-1.0 + d], beta=0.1, entropy=[0.9],
+                    entropy_coef=0.01)
+    k3 = math.exp(d) - d - 1.0
+    assert out["kl"].item() == pytest.approx(k3)
+    assert out["loss"].item() == pytest.approx(-1.0 + 0.1 * k3 - 0.01 * 0.9)
+    # The KL metric is reported even with beta = 0, but does not enter the loss.
+    out0 = objective([-1.0], [1.0], ref_logp=[-1.0 + d])
+    assert out0["kl"].item() == pytest.approx(k3) and out0["loss"].item() == pytest.approx(-1.0)
+
+
