@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-cpu test-kernels test-integrations demo bench clean
+.PHONY: setup lint test test-cpu test-kernels test-integrations demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ setup: $(PY)
 	raise SystemExit(p() is not None)" || $(PY) -m pip install -q "numpy<2.4"
 
 test: setup
-	$(MAKE) test-cpu test-kernels
+	$(MAKE) lint test-cpu test-kernels
+
+# ruff (pyproject.toml: pyflakes, pycodestyle, import order, bugbear, pyupgrade).
+lint: setup
+	$(PY) -m ruff check .
 
 # The CPU path, the reference and the training layer (kernels dispatched to torch).
 test-cpu:
@@ -35,14 +39,14 @@ VENV_TRL ?= .venv-trl
 VENV_VERL ?= .venv-verl
 INTEGRATION_ENV := HAPO_INTEGRATION_TESTS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-$(VENV_TRL)/.installed: requirements/trl.txt setup.py
+$(VENV_TRL)/.installed: requirements/trl.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV_TRL)
 	$(VENV_TRL)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(VENV_TRL)/bin/python -m pip install -q --no-deps -e .
 	$(VENV_TRL)/bin/python -m pip install -q -r requirements/trl.txt
 	touch $@
 
-$(VENV_VERL)/.installed: requirements/verl.txt requirements/verl-nodeps.txt setup.py
+$(VENV_VERL)/.installed: requirements/verl.txt requirements/verl-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV_VERL)
 	$(VENV_VERL)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(VENV_VERL)/bin/python -m pip install -q --no-deps -e .

@@ -20,9 +20,7 @@ import time
 
 import torch
 
-from . import ops
-from . import report
-from . import timing
+from . import ops, report, timing
 
 GPU_TOKENS, GPU_VOCAB = [4096, 16384], [32768, 151936]
 CPU_TOKENS, CPU_VOCAB = [1024], [8192, 32768]
@@ -318,7 +316,8 @@ def main(argv=None):
             saved.append(base + ".png")
     if args.short:
         print("\n" + report.short_table(rows))
-    print(f"\n{len(rows)} rows in {time.time() - start:.0f} s; wrote {', '.join(saved) or 'nothing'}")
+    wrote = ", ".join(saved) or "nothing"
+    print(f"\n{len(rows)} rows in {time.time() - start:.0f} s; wrote {wrote}")
     if checks and not data["checks_passed"]:
         print("CORRECTNESS CHECK FAILED (see the table above)")
         return 1

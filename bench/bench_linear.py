@@ -133,7 +133,7 @@ def run(device="cpu", tokens=None, hidden=None, vocab=None, dtype=None, impls=IM
             continue
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-        def step():
+        def step(fn=fn, sync=sync):
             out = fn()
             sync()
             return out
@@ -231,7 +231,7 @@ if pytest is not None:
                            f"V={shape['vocab']} {shape['dtype']} | {device}")
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-        def step():
+        def step(fn=fn, sync=sync):
             out = fn()
             sync()
             return out

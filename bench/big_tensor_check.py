@@ -21,8 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hapo_kernels as hk                       # noqa: E402
-from hapo_kernels import reference as R         # noqa: E402
+import hapo_kernels as hk  # noqa: E402
+from hapo_kernels import reference as R  # noqa: E402
 
 INT32_MAX = 2 ** 31 - 1
 

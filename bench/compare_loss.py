@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from . import ops
-from . import timing
+from . import ops, timing
 
 NAMES = ("eager (TRL)", "ours", "ours inplace_grad")
 
@@ -34,7 +33,7 @@ def compare(level: str, B: int, T: int, V: int, repeats: int) -> list:
             t0 = time.perf_counter()
             fns[n](inputs[n][rep % 2])
             times[n].append(time.perf_counter() - t0)
-    mem = {n: [timing.measure_peak(lambda: fns[n](inputs[n][0]), "cpu") / 2**20
+    mem = {n: [timing.measure_peak(lambda n=n: fns[n](inputs[n][0]), "cpu") / 2**20
                for _ in range(3)] for n in NAMES}
     eager_t, eager_m = statistics.median(times[NAMES[0]]), max(mem[NAMES[0]])
     rows = []
@@ -57,8 +56,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"| importance sampling | implementation | median ms (min-max) | x eager | "
-          f"peak extra MiB | / eager |\n|---|---|---|---|---|---|")
+    print("| importance sampling | implementation | median ms (min-max) | x eager | "
+          "peak extra MiB | / eager |\n|---|---|---|---|---|---|")
     for level in ("loss_token", "loss_seq"):
         for r in compare(level, args.B, args.T, args.V, args.repeats):
             print(f"| {'token' if level == 'loss_token' else 'sequence'} | "

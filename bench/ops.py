@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from hapo_kernels import reference as ref
+
 from . import baselines as bl
 
 BETA, EPS, TEMPERATURE = 0.04, 0.2, 1.0

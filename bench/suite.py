@@ -6,8 +6,7 @@ import os
 import pytest
 import torch
 
-from bench import ops
-from bench import timing
+from bench import ops, timing
 
 MEMORY_ROWS = []
 

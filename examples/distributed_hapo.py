@@ -26,11 +26,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hapo_kernels as hk                                      # noqa: E402
-from hapo import ThompsonGate                                  # noqa: E402
-from hapo.demo.model import TinyCausalLM                       # noqa: E402
-from hapo.demo.task import ReverseTask                         # noqa: E402
-from hapo_kernels.distributed import decide_injections         # noqa: E402
+import hapo_kernels as hk  # noqa: E402
+from hapo import ThompsonGate  # noqa: E402
+from hapo.demo.model import TinyCausalLM  # noqa: E402
+from hapo.demo.task import ReverseTask  # noqa: E402
+from hapo_kernels.distributed import decide_injections  # noqa: E402
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
 """HAPO training layer: gate, SSI operator, loss module and trainer (DESIGN section 8)."""
+from hapo_kernels.version import __version__  # noqa: E402  (one version for both packages)
+
 from . import schedules
 from .config import HAPOConfig
 from .gate import ThompsonGate
@@ -7,4 +9,4 @@ from .ssi import RolloutBatch, inject_successes
 from .trainer import HAPOTrainer
 
 __all__ = ["ThompsonGate", "inject_successes", "RolloutBatch", "HAPOLoss", "HAPOConfig",
-           "HAPOTrainer", "schedules"]
+           "HAPOTrainer", "schedules", "__version__"]

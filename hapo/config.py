@@ -99,7 +99,7 @@ class HAPOConfig:
         self.make_gate()        # raises on a bad gate option
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "HAPOConfig":
+    def from_kwargs(cls, **kwargs: Any) -> HAPOConfig:
         """A config from one flat set of keywords: ``HAPOConfig`` fields, ``LossOptions``
         fields (into ``loss``) and ``AdvantageOptions`` fields (into ``advantages``)."""
         own = {f.name for f in fields(cls)}

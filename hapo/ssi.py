@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 
 import hapo_kernels as hk
-from hapo_kernels.options import TEACHER_REWARD
 from hapo_kernels.inputs import check_groups
+from hapo_kernels.options import TEACHER_REWARD
 
 __all__ = ["RolloutBatch", "inject_successes", "lookup_demo"]
 

@@ -23,6 +23,7 @@ import copy
 from typing import Callable, List, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 import hapo_kernels as hk
 
@@ -277,7 +278,6 @@ class HAPOTrainer:
         """Run ``num_steps`` steps. ``prompts`` is a callable ``step -> prompt_ids`` (or
         ``(prompt_ids, keys)``) or an iterable of those. ``callback(trainer, metrics)``
         runs after each step. Shows a tqdm bar when ``config.progress``."""
-        from tqdm.auto import tqdm
         source = prompts if callable(prompts) else iter(prompts)
         bar = tqdm(range(num_steps), disable=not self.config.progress, desc="hapo")
         out = []

@@ -1,9 +1,13 @@
 """hapo-kernels: fused Triton kernels for GRPO-family RL and HAPO (docs/design.md section 8)."""
 from .advantages import group_advantages
 from .backends import force_backend
-from .linear import (FusedLinearHAPOLoss, FusedLinearHAPOLossFunction,
-                     FusedLinearSelectiveLogSoftmaxFunction, fused_linear_hapo_loss,
-                     fused_linear_selective_log_softmax)
+from .linear import (
+                     FusedLinearHAPOLoss,
+                     FusedLinearHAPOLossFunction,
+                     FusedLinearSelectiveLogSoftmaxFunction,
+                     fused_linear_hapo_loss,
+                     fused_linear_selective_log_softmax,
+)
 from .logprobs import SelectiveLogSoftmax, SelectiveLogSoftmaxFunction, selective_log_softmax
 from .loss import FusedHAPOLoss, FusedHAPOLossFunction, fused_hapo_loss
 from .objective import OBJECTIVES, TEACHER_OBJECTIVES

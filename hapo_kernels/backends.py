@@ -44,12 +44,12 @@ class Backend(Protocol):
                     g_ent: Optional[torch.Tensor], temperature: float, ignore_index: int,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
-    def token_loss(self, logits: torch.Tensor, inputs: "LossInputs", opts: "LossOptions",
-                   out: "TokenResults", grad: Optional[torch.Tensor]) -> None: ...
+    def token_loss(self, logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
+                   out: TokenResults, grad: Optional[torch.Tensor]) -> None: ...
 
     def group_advantages(self, rewards: torch.Tensor, group_size: int,
                          inject: Optional[torch.Tensor],
-                         opts: "AdvantageOptions") -> Tuple[torch.Tensor, torch.Tensor]: ...
+                         opts: AdvantageOptions) -> Tuple[torch.Tensor, torch.Tensor]: ...
 
 
 # name -> the module that implements ``Backend`` (imported on first use: triton is optional)
@@ -68,7 +68,7 @@ def _release(version: str) -> tuple:
     return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts[:2])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
     """Why Triton's interpreter cannot run our kernels with these versions, or None.
 

@@ -29,13 +29,14 @@ identity and give wrong gradients (ms-swift PR #9947).
 **Data-parallel**: ``hapo_kernels.group_advantages(..., process_group=)`` over groups whose
 rollouts span ranks gathers the rewards here (``gather_rewards``), computes on the whole
 batch on every rank and keeps this rank's slice; injection decisions are broadcast from the
-group's first rank (``broadcast_decisions``) so that every rank uses the same ones. ``decide_injections`` runs a gate once per group on the gathered
-rewards, with the same broadcast.
+group's first rank (``broadcast_decisions``) so that every rank uses the same ones.
+``decide_injections`` runs a gate once per group on the gathered rewards, with the same
+broadcast.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist

@@ -3,9 +3,10 @@
 Device-neutral: torch matmuls (MKL on CPU, cuBLAS on CUDA) make one chunk of logits at a
 time, ``[rows, V]`` or, where even one row chunk of the whole vocabulary is too large,
 ``[rows, vocab]`` blocks. The chunk's backend (``backends.Backend``) turns a full-width chunk
-into its loss and its gradient, written over the chunk itself; the gradient then goes straight into the hidden / weight / bias
-gradients (``Grads``) and the chunk is dropped. Vocabulary blocks use the torch code below:
-an online logsumexp across blocks (the stats pass), then the gradient block by block.
+into its loss and its gradient, written over the chunk itself; the gradient then goes
+straight into the hidden / weight / bias gradients (``Grads``) and the chunk is dropped.
+Vocabulary blocks use the torch code below: an online logsumexp across blocks (the stats
+pass), then the gradient block by block.
 
 Three drivers, all over token chunks:
 
@@ -20,7 +21,7 @@ Three drivers, all over token chunks:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 

@@ -175,7 +175,7 @@ class LossInputs:
         vec["segments"] = self.segments
         return vec
 
-    def slice_rows(self, r0: int, r1: int) -> "LossInputs":
+    def slice_rows(self, r0: int, r1: int) -> LossInputs:
         """Rows ``r0..r1`` as a packed batch of one sequence (token-level terms only)."""
         def cut(t):
             return None if t is None else t[r0:r1]

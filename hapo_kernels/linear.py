@@ -22,8 +22,16 @@ from . import head
 from .backends import backend_for
 from .inputs import LossInputs, check_target_ids
 from .loss import finish_forward, loss_output, prepare_loss
-from .options import (IGNORE_INDEX, LOGIT_DTYPES, AdvantageOptions, LossOptions, check_bool,
-                      check_ignore_index, check_temperature, split_options)
+from .options import (
+    IGNORE_INDEX,
+    LOGIT_DTYPES,
+    AdvantageOptions,
+    LossOptions,
+    check_bool,
+    check_ignore_index,
+    check_temperature,
+    split_options,
+)
 from .outputs import LossOutput, TokenResults, new_buffer
 from .twopass import two_pass_loss
 
@@ -162,11 +170,11 @@ def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
 
     Memory: ``chunk_size`` tokens at a time; by default as many as fit a ``[chunk, V]``
     slice in 256 MiB on CUDA (in the logits' dtype: 883 rows at V = 151936 in bf16) or in
-    32 MiB of float32 on CPU (256 rows at V = 32768); see ``cpu.linear.plan_chunks``. Where
+    32 MiB of float32 on CPU (256 rows at V = 32768); see ``head.plan_chunks``. Where
     that is fewer than 128 (CUDA) / 16 (CPU) rows, the vocabulary is also split
-    (``vocab_chunk_size`` columns per block; an online logsumexp joins the blocks). Token-level ratios with full-width chunks
-    make each chunk's logits once; sequence-level ratios (GSPO) or vocabulary blocks make
-    them twice (a statistics pass, then the gradient pass).
+    (``vocab_chunk_size`` columns per block; an online logsumexp joins the blocks).
+    Token-level ratios with full-width chunks make each chunk's logits once; sequence-level
+    ratios (GSPO) or vocabulary blocks make them twice (a statistics pass, then the gradient pass).
     """
     opts, adv_opts = split_options(option_values, options, advantage_options)
     check_bool("inplace_grad", inplace_grad)

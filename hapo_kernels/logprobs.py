@@ -1,4 +1,6 @@
-"""``selective_log_softmax``: log-probabilities (and entropy) of target tokens (docs/design.md sections 3, 8).
+"""``selective_log_softmax``: log-probabilities and entropies of target tokens.
+
+docs/design.md sections 3 and 8.
 
 A drop-in for TRL's ``selective_log_softmax`` and verl's ``logprobs_from_logits`` that never
 materialises the ``[tokens, vocab]`` log-softmax: the forward reads the logits once and keeps
@@ -6,12 +8,11 @@ four floats per row; the backward recomputes ``p`` from the saved ``lse``.
 """
 from __future__ import annotations
 
-import torch
-from torch.autograd.function import once_differentiable
-
 from typing import Any, Optional, Tuple, Union
 
+import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .backends import Backend, backend_for
 from .distributed import VocabParallelOps, vocab_shard

@@ -36,8 +36,8 @@ class Objective:
     name: str
     code: int
     params: tuple
-    loss: Callable[[Tensor, Tensor, Tensor, "LossOptions"], Tensor]
-    clipped: Callable[[Tensor, Tensor, "LossOptions"], tuple]
+    loss: Callable[[Tensor, Tensor, Tensor, LossOptions], Tensor]
+    clipped: Callable[[Tensor, Tensor, LossOptions], tuple]
 
 
 def _clip_loss(rho, logp, A, opts):
@@ -64,7 +64,7 @@ class TeacherObjective:
     name: str
     code: int
     params: tuple
-    loss: Callable[[Tensor, Tensor, Tensor, "LossOptions"], Tensor]
+    loss: Callable[[Tensor, Tensor, Tensor, LossOptions], Tensor]
     counts_clips: bool        # its tokens count in the clip fractions
 
 
@@ -92,7 +92,7 @@ class TokenObjective(NamedTuple):
 
 
 def importance_ratio(logp: Tensor, old_logp: Optional[Tensor], valid: Tensor,
-                     opts: "LossOptions", segments=None) -> Tensor:
+                     opts: LossOptions, segments=None) -> Tensor:
     """``rho``: per token, or per sequence (GSPO: the exp of the mean log-ratio of a
     sequence, a row of ``[B, T]`` or a segment of packed tokens), gradient to ``logp``."""
     old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
@@ -109,7 +109,7 @@ def importance_ratio(logp: Tensor, old_logp: Optional[Tensor], valid: Tensor,
 def token_objective(logp: Tensor, entropy: Optional[Tensor], advantages: Tensor,
                     valid: Tensor, *, old_logp: Optional[Tensor] = None,
                     ref_logp: Optional[Tensor] = None, teacher: Optional[Tensor] = None,
-                    opts: "LossOptions", segments=None) -> TokenObjective:
+                    opts: LossOptions, segments=None) -> TokenObjective:
     """Per-token loss and metrics of docs/design.md section 4, in ``logp``'s dtype.
 
     Every tensor has one shape: ``[B, T]`` (a sequence per row) or packed tokens with
@@ -154,7 +154,7 @@ class TokenTerms(NamedTuple):
 
 def token_terms(logp: Tensor, entropy: Tensor, *, valid: Tensor, advantages: Tensor,
                 old_logp: Optional[Tensor], ref_logp: Optional[Tensor], teacher: Tensor,
-                weights: Tensor, opts: "LossOptions", need_grad: bool,
+                weights: Tensor, opts: LossOptions, need_grad: bool,
                 segments=None) -> TokenTerms:
     """``w * l`` per token and the scalar derivatives ``d(sum w l)/dlogp``, ``/dentropy``.
 

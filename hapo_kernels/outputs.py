@@ -33,7 +33,7 @@ class TokenResults:
     kl: Optional[torch.Tensor]   # None without ref_logp
 
     @classmethod
-    def allocate(cls, rows: int, has_ref: bool, device: torch.device) -> "TokenResults":
+    def allocate(cls, rows: int, has_ref: bool, device: torch.device) -> TokenResults:
         def f32():
             return new_buffer(rows, torch.float32, device)
         return cls(loss=f32(), logp=f32(), entropy=f32(), ratio=f32(),
@@ -41,14 +41,14 @@ class TokenResults:
                    clip_high=new_buffer(rows, torch.int8, device),
                    kl=f32() if has_ref else None)
 
-    def slice_rows(self, r0: int, r1: int) -> "TokenResults":
+    def slice_rows(self, r0: int, r1: int) -> TokenResults:
         """Views of rows ``r0..r1`` (writes go to this object's buffers)."""
         return TokenResults(**{f.name: None if getattr(self, f.name) is None
                                else getattr(self, f.name)[r0:r1]
                                for f in dataclasses.fields(self)})
 
     def write(self, sl: slice, valid: torch.Tensor, logp: torch.Tensor,
-              entropy: torch.Tensor, terms: "TokenTerms") -> None:
+              entropy: torch.Tensor, terms: TokenTerms) -> None:
         """Store ``objective.token_terms``' results for rows ``sl`` (0 on invalid rows)."""
         zero = torch.zeros((), dtype=torch.float32, device=logp.device)
         obj = terms.objective

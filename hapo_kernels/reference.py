@@ -13,8 +13,14 @@ import torch
 from .aggregation import token_normalizer
 from .inputs import check_groups, check_logits_and_targets, loss_inputs
 from .objective import token_objective
-from .options import (IGNORE_INDEX, LOGIT_DTYPES, AdvantageOptions, LossOptions,
-                      check_temperature, split_options)
+from .options import (
+    IGNORE_INDEX,
+    LOGIT_DTYPES,
+    AdvantageOptions,
+    LossOptions,
+    check_temperature,
+    split_options,
+)
 from .outputs import LossOutput
 
 # The reference also takes float64 logits, so tests can differentiate it in float64.

@@ -95,3 +95,27 @@ def test_bad_input(backend, kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         hk.group_advantages(**args)
+
+
+# --------------------------------------------------------------------------- on CUDA
+# The compiled kernels at realistic sizes, against float64 on the same device: run where a
+# GPU is present (bench/gpu_check.sh), skipped elsewhere.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device")
+CUDA = "cuda"
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("stats", ["all", "on-policy"])
+@pytest.mark.parametrize("G", [8, 17])
+def test_cuda_group_advantages(scale, stats, G):
+    P = 4096
+    g = torch.Generator(device=CUDA).manual_seed(G)
+    rewards = (torch.rand(P * G, generator=g, device=CUDA) > 0.7).float()
+    inject = torch.rand(P, generator=g, device=CUDA) > 0.5
+    adv, replaced = hk.group_advantages(rewards, G, inject=inject, scale=scale, stats=stats)
+    ref, ref_replaced = R.group_advantages(rewards, G, inject=inject, scale=scale, stats=stats)
+    assert torch.equal(replaced, ref_replaced)
+    torch.testing.assert_close(adv.double(), ref, rtol=1e-5, atol=1e-5)

@@ -6,8 +6,7 @@ import torch
 
 from bench import __main__ as runner
 from bench import baselines as bl
-from bench import ops
-from bench import timing
+from bench import ops, timing
 
 
 def test_cpu_peak_memory_sees_a_known_allocation():

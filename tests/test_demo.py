@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from hapo.demo.__main__ import main, run
-from hapo.demo.experiment import (METHODS, Settings, format_table, run_one, steps_to,
-                                  summarize)
+from hapo.demo.experiment import METHODS, Settings, format_table, run_one, steps_to, summarize
 from hapo.demo.task import BOS, SEP, ReverseTask
-
 
 # Tiny models run fastest on one thread (and do not fight other processes for cores).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,7 +19,8 @@ TINY = dict(prompts_per_step=2, group_size=2, d_model=16, eval_prompts=4, eval_s
 def test_task_reward_is_exact_match_only():
     task = ReverseTask(length=4, digits=10)
     prompts = task.sample_prompts(5, torch.Generator().manual_seed(0))
-    assert prompts.shape == (5, 6) and (prompts[:, 0] == BOS).all() and (prompts[:, -1] == SEP).all()
+    assert prompts.shape == (5, 6)
+    assert (prompts[:, 0] == BOS).all() and (prompts[:, -1] == SEP).all()
     answer = task.answer(prompts)
     assert torch.equal(answer, prompts[:, 1:5].flip(1))
     ones = torch.ones_like(answer)

@@ -20,6 +20,7 @@ AGGREGATIONS = [  # (aggregation, extra options): every mode and alias
     ("dapo", {}), ("token-mean", {"normalizer": 7.5}), ("dr_grpo", {"max_len": 9}),
 ]
 OPTION_VALUES = {
+    "objective": list(hk.OBJECTIVES),          # every entry of the objective table
     "importance_sampling": ["token", "sequence"],
     "teacher_objective": ["shaped", "sft", "ratio"],
     "beta": [0.0, 0.1],
@@ -195,7 +196,7 @@ def test_full_option_product_cpu():
             out, grad = run_ours(x, y, adv, kw, **opts)
             ref, ref_grad = run_reference(x, y, adv, kw, **opts)
             assert_close_to_reference(out, grad, ref, ref_grad)
-    assert len(combos) == 2 * 3 * 2 * 2 * 2 * 2
+    assert len(combos) == len(hk.OBJECTIVES) * 2 * 3 * 2 * 2 * 2 * 2
 
 
 @pytest.mark.parametrize("per_token_adv", [False, True])
@@ -511,3 +512,110 @@ def test_persistent_grid_settings(monkeypatch):
         with pytest.raises(ValueError, match="persistent_rows"):
             with rows.persistent_rows(bad):
                 pass
+
+
+# --------------------------------------------------------------------------- on CUDA
+# The compiled kernels at realistic sizes, against float64 on the same device: run where a
+# GPU is present (bench/gpu_check.sh), skipped elsewhere.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device")
+CUDA = "cuda"
+
+
+def _cuda_inputs(B, T, V, dtype, seed=0, strided=False):
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    full = (torch.randn(B, T + 1, V, generator=g, device=CUDA) * 2).to(dtype)
+    x = full[:, :-1] if strided else full[:, :-1].contiguous()
+    y = torch.randint(0, V, (B, T), generator=g, device=CUDA)
+    mask = (torch.rand(B, T, generator=g, device=CUDA) > 0.1).float()
+    mask[-1] = 0
+    logp, _ = R.log_probs(x.double(), y)
+    old = (logp + 0.3 * torch.randn(B, T, generator=g, device=CUDA, dtype=torch.float64)).float()
+    ref = (logp + 0.3 * torch.randn(B, T, generator=g, device=CUDA, dtype=torch.float64)).float()
+    teacher = torch.zeros(B, dtype=torch.bool, device=CUDA)
+    teacher[0] = True
+    adv = torch.randn(B, generator=g, device=CUDA)
+    return full, x, y, adv, dict(mask=mask, old_logp=old, ref_logp=ref, teacher_mask=teacher)
+
+
+def _check(x, y, adv, kw, grad, out, opts, dtype):
+    xr = x.detach().double().requires_grad_()
+    ref = R.hapo_loss(xr, y, adv, **kw, **opts)
+    ref.loss.backward()
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5, abs=1e-6)
+    for name in ("logp", "entropy", "kl", "clip_low", "clip_high", "ratio"):
+        assert float(getattr(out, name)) == pytest.approx(float(getattr(ref, name)), rel=1e-5,
+                                                          abs=1e-6), name
+    scale = xr.grad.abs().max().item()
+    tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
+    torch.testing.assert_close(grad.double(), xr.grad, atol=tol[0] * scale, rtol=tol[1])
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(importance_sampling="sequence", beta=0.04, entropy_coef=0.01, aggregation="grpo"),
+    dict(teacher_objective="sft", dual_clip=3.0, temperature=0.7, aggregation="dr_grpo"),
+    dict(teacher_objective="ratio", beta=0.1, entropy_coef=0.02, aggregation="dapo"),
+])
+@pytest.mark.parametrize("strided", [False, True])
+def test_cuda_loss_matches_reference(dtype, opts, strided):
+    full, x, y, adv, kw = _cuda_inputs(4, 96, 32003, dtype, strided=strided)
+    fg = full.clone().requires_grad_() if strided else None
+    xg = fg[:, :-1] if strided else x.clone().requires_grad_()
+    out = hk.fused_hapo_loss(xg, y, adv, **kw, **opts)
+    out.loss.backward()
+    grad = fg.grad[:, :-1] if strided else xg.grad
+    _check(x, y, adv, kw, grad, out, opts, dtype)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_large_vocab_bf16_inplace():
+    _, x, y, adv, kw = _cuda_inputs(2, 64, 151936, torch.bfloat16, seed=1)
+    xg = x.clone().requires_grad_()
+    out = hk.fused_hapo_loss(xg, y, adv, **kw, beta=0.04)
+    out.loss.backward()
+    h = x.clone().requires_grad_()
+    h2 = h * 1.0
+    out2 = hk.fused_hapo_loss(h2, y, adv, **kw, beta=0.04, inplace_grad=True)
+    out2.loss.backward()
+    torch.testing.assert_close(h.grad, xg.grad)
+    _check(x, y, adv, kw, xg.grad, out, dict(beta=0.04), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_more_rows_than_grid_limit():
+    """70,000 rows: a 1-D grid over rows (no 65,535 limit), packed [N, V]."""
+    N, V = 70_000, 64
+    g = torch.Generator(device=CUDA).manual_seed(2)
+    x = torch.randn(N, V, generator=g, device=CUDA)
+    y = torch.randint(0, V, (N,), generator=g, device=CUDA)
+    adv = torch.randn(N, generator=g, device=CUDA)
+    xg = x.clone().requires_grad_()
+    out = hk.fused_hapo_loss(xg, y, adv, entropy_coef=0.01)
+    out.loss.backward()
+    assert torch.isfinite(xg.grad).all()
+    _check(x, y, adv, {}, xg.grad, out, dict(entropy_coef=0.01), torch.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("k", [1, 2])
+def test_cuda_persistent_grid_large_vocab_bf16(k):
+    """Programs looping over rows (triton/rows.py): bit-identical to one program per row."""
+    from hapo_kernels.triton.rows import persistent_rows
+    _, x, y, adv, kw = _cuda_inputs(4, 200, 151936, torch.bfloat16, seed=3)
+    xg = x.clone().requires_grad_()
+    out = hk.fused_hapo_loss(xg, y, adv, **kw, beta=0.04, entropy_coef=0.01)
+    out.loss.backward()
+    xp = x.clone().requires_grad_()
+    with persistent_rows(k):
+        out_p = hk.fused_hapo_loss(xp, y, adv, **kw, beta=0.04, entropy_coef=0.01)
+    out_p.loss.backward()
+    assert torch.equal(xp.grad, xg.grad) and out_p.loss.item() == out.loss.item()
+    _check(x, y, adv, kw, xp.grad, out_p, dict(beta=0.04, entropy_coef=0.01), torch.bfloat16)
+

@@ -13,7 +13,6 @@ from hapo_kernels import options
 from hapo_kernels import reference as R
 
 
-
 # ------------------------------------------------------------------ section 3
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -92,7 +91,8 @@ def test_aggregation_by_hand(aggregation, kw, want):
 
 def test_aggregation_of_an_empty_sequence():
     valid = torch.tensor([[True, True, False], [False, False, False]])
-    assert R.aggregate(L, valid, options.LossOptions(aggregation="grpo")).item() == pytest.approx(1.5 / 2)
+    grpo = options.LossOptions(aggregation="grpo")
+    assert R.aggregate(L, valid, grpo).item() == pytest.approx(1.5 / 2)
     assert R.aggregate(L, valid & False, options.LossOptions()).item() == 0.0
 
 

@@ -3,8 +3,9 @@
 A tensor over 2^31 elements does not fit this machine's test budget, so the index arithmetic
 is tested directly: the kernels' shared ``triton.rows.row_offset`` under the interpreter
 with row indices and strides whose products overflow int32, the launch grids of every
-kernel (one dimension: 2^31 - 1 programs, not 65,535; or ``rows.row_grid``), and ``layout`` on meta tensors of
-any size. ``bench/big_tensor_check.py`` runs a real case past 2^31 elements on a GPU.
+kernel (one dimension: 2^31 - 1 programs, not 65,535; or ``rows.row_grid``), and
+``layout`` on meta tensors of any size. ``bench/big_tensor_check.py`` runs a real case
+past 2^31 elements on a GPU.
 """
 import ast
 import pathlib

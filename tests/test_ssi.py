@@ -56,7 +56,7 @@ def test_replaces_the_lowest_reward_member_with_the_demo():
 
 
 def test_selection_agrees_with_group_advantages():
-    for trial in range(20):
+    for _ in range(20):
         P = 6
         rewards = torch.randint(0, 3, (P * G,)).float() / 2     # many ties
         inject = torch.rand(P) < 0.7

@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 import torch
 
 from .experiment import METHODS, QUICK, Settings, format_table, run_all, summarize
+from .plots import plot_runs
 
 
 def parse_args(argv=None):
@@ -57,7 +58,6 @@ def run(argv=None) -> dict:
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(result, f, indent=1)
     try:
-        from .plots import plot_runs
         plots = plot_runs(runs, args.out)
     except ImportError as e:        # matplotlib is an optional dependency
         plots = []

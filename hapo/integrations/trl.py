@@ -341,7 +341,7 @@ class HAPOGRPOTrainer(GRPOTrainer):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = completion_mask * inputs["tool_mask"] if "tool_mask" in inputs else completion_mask
         used = sorted(k for k in ("pixel_values", "image_grid_thw", "token_type_ids",
                                   "mm_token_type_ids") if inputs.get(k) is not None)
         if used:

@@ -131,7 +131,8 @@ def compute_policy_loss_hapo(old_log_prob, log_prob, advantages, response_mask,
     metrics = {
         "actor/pg_clipfrac": verl_F.masked_mean((obj.clip_low | obj.clip_high).float(),
                                                 response_mask).item(),
-        "actor/ppo_kl": verl_F.masked_mean((old_log_prob - log_prob).detach(), response_mask).item(),
+        "actor/ppo_kl": verl_F.masked_mean((old_log_prob - log_prob).detach(),
+                                           response_mask).item(),
         "actor/pg_clipfrac_lower": verl_F.masked_mean(dual.float(), response_mask).item(),
         "actor/hapo_teacher_fraction": 0.0 if teacher is None else
         verl_F.masked_mean(teacher.float(), response_mask).item(),

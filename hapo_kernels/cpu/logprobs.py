@@ -20,8 +20,6 @@ whose statistics are kept relative to the row max ``m`` (no cancellation of larg
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..layout import row_layout, rows_2d
@@ -188,7 +186,7 @@ def grad_logits(logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature=1.0,
     (``out`` may be ``logits`` itself). A target outside ``[0, V)`` (other than
     ``ignore_index``) adds no one-hot term: a vocabulary shard that does not hold it.
     """
-    rows, V = target_ids.numel(), logits.shape[-1]
+    V = logits.shape[-1]
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     safe, held, valid = safe_targets(target_ids, ignore_index, V)

@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
+import trl
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-import trl
 from trl import GRPOConfig, GRPOTrainer
 
 from hapo import HAPOConfig
@@ -106,7 +105,8 @@ def make_batch(trl_trainer, seed=0):
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
             "completion_ids": completion_ids, "completion_mask": completion_mask,
             "advantages": torch.randn(B, generator=g),
-            "old_per_token_logps": old * completion_mask, "ref_per_token_logps": ref * completion_mask,
+            "old_per_token_logps": old * completion_mask,
+            "ref_per_token_logps": ref * completion_mask,
             "num_items_in_batch": completion_mask.sum()}
 
 
@@ -130,7 +130,7 @@ def assert_equal_to_trl(loss_o, grads_o, loss_t, grads_t):
     assert grads_o.keys() == grads_t.keys() and len(grads_t) > 0
     for name in grads_t:
         torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def assert_close_to_trl_bf16(loss_o, grads_o, loss_t, grads_t):
@@ -326,7 +326,8 @@ def test_hapo_widens_the_batch_for_a_longer_demonstration(model_dir, tokenizer, 
     assert out["completion_ids"].shape == (G, len(demo)) == out["completion_mask"].shape
     assert out["completion_ids"][0].tolist() == demo and out["completion_mask"][0].all()
     assert out["teacher_mask"].tolist() == [True, False, False, False]  # lowest reward, first
-    assert (out["completion_mask"][1:, 3:] == 0).all() and (out["completion_mask"][1:, :3] == 1).all()
+    cmask = out["completion_mask"]
+    assert (cmask[1:, 3:] == 0).all() and (cmask[1:, :3] == 1).all()
     assert int(out["num_items_in_batch"]) == len(demo) + 3 * (G - 1)
     # Rewards [1 (teacher), 1, 0, 1]: mean 0.75, std 0.5.
     torch.testing.assert_close(out["advantages"], torch.tensor([0.25, 0.25, -0.75, 0.25]) / 0.5001)

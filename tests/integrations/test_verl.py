@@ -8,7 +8,6 @@ injects; the ``logprobs_from_logits`` drop-in must equal verl's.
 import numpy as np
 import pytest
 import torch
-
 import verl
 import verl.utils.torch_functional as verl_F
 from verl.trainer.ppo import core_algos
@@ -90,7 +89,8 @@ def test_policy_loss_default_clip_config():
     config = actor_config()
     for mode in AGG_MODES:
         ours = run_loss(hv.compute_policy_loss_hapo, logp, old, adv, mask, mode, config)
-        theirs = run_loss(core_algos.compute_policy_loss_vanilla, logp, old, adv, mask, mode, config)
+        theirs = run_loss(core_algos.compute_policy_loss_vanilla, logp, old, adv, mask, mode,
+                          config)
         torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(ours[1], theirs[1], rtol=1e-6, atol=1e-8)
 
