@@ -53,8 +53,20 @@ def _clip_flags(rho, A, opts):
     return (rho < 1.0 - opts.eps_low) & (A < 0), (rho > 1.0 + opts.eps_high) & (A > 0)
 
 
+def _cispo_loss(rho, logp, A, opts):
+    """CISPO (MiniMax-M1; TRL's ``cispo``): the ratio capped at ``eps_high`` (the raw
+    bound, no lower clip) and stopped from the gradient weights ``-A log p``, so every
+    token keeps its gradient."""
+    return -torch.clamp(rho, max=opts.eps_high).detach() * A * logp
+
+
+def _cispo_flags(rho, A, opts):
+    return torch.zeros_like(rho, dtype=torch.bool), (rho > opts.eps_high) & (A > 0)
+
+
 OBJECTIVES = {o.name: o for o in (
     Objective("clip", 0, ("eps_low", "eps_high", "dual_clip"), _clip_loss, _clip_flags),
+    Objective("cispo", 1, ("eps_high",), _cispo_loss, _cispo_flags),
 )}
 
 

@@ -14,6 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from hapo_kernels.objective import OBJECTIVES
 from hapo_kernels.options import KERNEL_PARAMS
 from hapo_kernels.triton import advantages, logprobs, loss
 
@@ -57,15 +58,16 @@ def test_grad_logits_kernel(x, has_logp, has_ent):
                      {"HAS_LOGP": has_logp, "HAS_ENT": has_ent, "BLOCK_V": 4096})
 
 
-# Every value of every flag of the loss kernel appears; dtypes rotate through them.
+# Every value of every flag of the loss kernel appears, and every objective of the table;
+# dtypes rotate through them.
 LOSS_VARIANTS = [dict(HAS_OLD=o, HAS_REF=r, HAS_DUAL=d, USE_KL=r and k, USE_ENT=e,
-                      TEACHER_OBJ=t, WRITE_GRAD=g, OBJECTIVE=obj)
-                 for (o, r, d, k, e, t, g, obj) in [
-                     (True, True, True, True, True, 0, True, 0),
-                     (False, False, False, False, False, 1, True, 0),
-                     (True, True, False, False, True, 2, False, 0),
-                     (False, True, True, True, False, 0, False, 0),
-                     (True, False, True, False, True, 2, True, 0)]]
+                      TEACHER_OBJ=t, WRITE_GRAD=g, OBJECTIVE=i % len(OBJECTIVES))
+                 for i, (o, r, d, k, e, t, g) in enumerate([
+                     (True, True, True, True, True, 0, True),
+                     (False, False, False, False, False, 1, True),
+                     (True, True, False, False, True, 2, False),
+                     (False, True, True, True, False, 0, False),
+                     (True, False, True, False, True, 2, True)])]
 
 
 @pytest.mark.parametrize("variant,x", list(zip(LOSS_VARIANTS, itertools.cycle(LOGIT_TYPES))))

@@ -103,6 +103,23 @@ def test_teacher_objectives_by_hand():
     assert ratio["loss"][0, 0].item() == pytest.approx(-2.0 * 1.2)
 
 
+def test_cispo_by_hand():
+    """CISPO: l = -sg(min(rho, eps_high)) A logp; the capped ratio carries no gradient and
+    there is no lower bound (TRL's ``cispo``)."""
+    logp = torch.tensor([[math.log(0.5), math.log(0.5), math.log(0.2)]], dtype=torch.float64,
+                        requires_grad=True)
+    old = torch.tensor([[math.log(0.25), math.log(0.5), math.log(0.8)]], dtype=torch.float64)
+    A = torch.tensor([[1.0, -2.0, 1.0]], dtype=torch.float64)       # rho = 2, 1, 0.25
+    out = token_objective(logp, torch.zeros_like(logp), A, torch.ones(1, 3, dtype=torch.bool),
+                          old_logp=old, opts=LossOptions(objective="cispo", eps_high=1.5))
+    want = [-1.5 * math.log(0.5), 2.0 * math.log(0.5), -0.25 * math.log(0.2)]
+    torch.testing.assert_close(out.loss[0], torch.tensor(want, dtype=torch.float64))
+    out.loss.sum().backward()
+    torch.testing.assert_close(logp.grad[0], torch.tensor([-1.5, 2.0, -0.25],
+                                                          dtype=torch.float64))
+    assert out.clip_high[0].tolist() == [True, False, False] and not out.clip_low.any()
+
+
 def test_kl_and_entropy_terms_by_hand():
     d = 0.4                                              # ref - logp
     out = objective([-1.0], [1.0], ref_logp=[-1.0 + d], beta=0.1, entropy=[0.9],

@@ -15,6 +15,7 @@ from ..options import KERNEL_PARAMS
 
 # Objective codes (the OBJECTIVE / TEACHER_OBJ constexprs).
 CLIP = tl.constexpr(OBJECTIVES["clip"].code)
+CISPO = tl.constexpr(OBJECTIVES["cispo"].code)
 SHAPED = tl.constexpr(TEACHER_OBJECTIVES["shaped"].code)
 SFT = tl.constexpr(TEACHER_OBJECTIVES["sft"].code)
 RATIO = tl.constexpr(TEACHER_OBJECTIVES["ratio"].code)
@@ -41,19 +42,26 @@ def on_policy_objective(logp, A, rho, params, OBJECTIVE: tl.constexpr,
     (``d rho / d logp = rho`` for token-level ratios)."""
     eps_low = params[EPS_LOW]
     eps_high = params[EPS_HIGH]
-    # OBJECTIVE == CLIP: l = -min(rho A, clip(rho) A). The clipped branch is constant in logp.
-    clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
-    unclipped_obj = rho * A
-    clipped_obj = clipped * A
-    loss = -tl.minimum(unclipped_obj, clipped_obj)
-    g_logp = tl.where(unclipped_obj <= clipped_obj, -A * rho, 0.0)
-    if HAS_DUAL:                                   # A < 0: l = min(l, -c A)
-        cap = -params[DUAL_CLIP] * A
-        capped = (A < 0) & (loss > cap)
-        loss = tl.where(capped, cap, loss)
-        g_logp = tl.where(capped, 0.0, g_logp)
-    low = (rho < 1.0 - eps_low) & (A < 0)
-    high = (rho > 1.0 + eps_high) & (A > 0)
+    if OBJECTIVE == CISPO:                         # l = -sg(min(rho, eps_high)) A logp
+        weight = tl.minimum(rho, eps_high)
+        loss = -weight * A * logp
+        g_logp = -weight * A
+        low = rho < 0.0                            # no lower bound: never
+        high = (rho > eps_high) & (A > 0)
+    else:                                          # CLIP: l = -min(rho A, clip(rho) A)
+        # The clipped branch is constant in logp.
+        clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
+        unclipped_obj = rho * A
+        clipped_obj = clipped * A
+        loss = -tl.minimum(unclipped_obj, clipped_obj)
+        g_logp = tl.where(unclipped_obj <= clipped_obj, -A * rho, 0.0)
+        if HAS_DUAL:                               # A < 0: l = min(l, -c A)
+            cap = -params[DUAL_CLIP] * A
+            capped = (A < 0) & (loss > cap)
+            loss = tl.where(capped, cap, loss)
+            g_logp = tl.where(capped, 0.0, g_logp)
+        low = (rho < 1.0 - eps_low) & (A < 0)
+        high = (rho > 1.0 + eps_high) & (A > 0)
     return loss, g_logp, low, high
 
 
