@@ -1,6 +1,6 @@
 """``python -m bench`` / ``hapo-bench``: ours against the baselines users would pick.
 
-Every row: median time, peak memory above the inputs, the op's byte floor (DESIGN section
+Every row: median time, peak memory above the inputs, the op's byte floor (docs/design.md section
 10), the GB/s that floor implies, its share of the copy bandwidth measured in this run, and
 how much faster ours is than that row. See bench/timing.py for how time and memory are
 measured on each device, bench/ops.py for what each op does and its byte floor.

@@ -94,7 +94,7 @@ def input_bytes(inp: dict) -> int:
 
 # --------------------------------------------------------------------------- byte floors
 def floor_bytes(op: str, B: int, T: int, V: int, dtype) -> int:
-    """The fewest bytes the op must move through memory (DESIGN section 10).
+    """The fewest bytes the op must move through memory (docs/design.md section 10).
 
     sls_nograd   read the logits once                                     1 pass
     sls_grad     forward read; backward (needs the upstream grad) reads

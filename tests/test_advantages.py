@@ -1,4 +1,4 @@
-"""group_advantages (DESIGN section 6) against the float64 reference, both paths."""
+"""group_advantages (docs/design.md section 6) against the float64 reference, both paths."""
 import itertools
 
 import pytest

@@ -1,4 +1,4 @@
-"""Asymptotic consistency: P(inject) -> 0 as the policy improves (DESIGN section 7)."""
+"""Asymptotic consistency: P(inject) -> 0 as the policy improves (docs/design.md section 7)."""
 import math
 
 import pytest

@@ -1,4 +1,6 @@
-"""selective_log_softmax against the float64 reference, on both backends (DESIGN 3, 8, 9).
+"""selective_log_softmax against the float64 reference, on both backends.
+
+docs/design.md sections 3, 8 and 9.
 
 Every check runs on the chunked CPU path and on the Triton kernels (under the interpreter,
 or on a GPU) through the ``backend`` fixture. Low-precision inputs are compared with the

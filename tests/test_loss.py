@@ -297,7 +297,7 @@ def test_inplace_grad_scaled_backward_refuses_second_use(backend):
 
 @pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
 def test_minus_inf_logits_are_nan_free(backend, importance_sampling):
-    """A -inf logit (a banned token) has p = 0 and adds nothing: no NaN (DESIGN section 3)."""
+    """A -inf logit (a banned token) has p = 0 and adds nothing: no NaN (design section 3)."""
     x, y, adv, kw = make_inputs((3, 4, 37), seed=5)
     banned = torch.zeros(37, dtype=torch.bool)
     banned[[3, 17, 36]] = True

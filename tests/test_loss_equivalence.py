@@ -5,7 +5,7 @@ grpo_trainer.py: log-ratio, token / sequence importance weights, ``delta`` two-s
 k3 KL, and the ``grpo`` / ``bnpo`` / ``dr_grpo`` / ``dapo`` reductions) and TRL's group
 advantages, written independently here in float64 eager torch. TRL's ``delta`` clamps the
 ratio at ``delta`` before the PPO min; for ``delta >= 1 + eps_high`` that is exactly our
-``dual_clip`` (DESIGN section 4).
+``dual_clip`` (docs/design.md section 4).
 
 Liger: ``liger_kernel.ops.grpo_loss.GrpoLossFunction`` (the Function behind
 ``triton_grpo_loss``), run through the Triton interpreter on the same inputs. Liger takes

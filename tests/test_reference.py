@@ -2,7 +2,7 @@
 
 Every fast path is tested against ``hapo_kernels.reference``, so the reference itself is
 held here to torch's own log_softmax, to numbers worked out by hand, and to the worked
-check of DESIGN section 6.
+check of docs/design.md section 6.
 """
 import math
 
@@ -98,7 +98,7 @@ def test_aggregation_of_an_empty_sequence():
 
 # ------------------------------------------------------------------ section 6
 def test_group_advantages_worked_check():
-    """DESIGN 6: G = 8, no success, inject -> teacher +2.475, failures -0.354."""
+    """docs/design.md section 6: G = 8, no success, inject -> teacher +2.475, failures -0.354."""
     adv, replaced = R.group_advantages(torch.zeros(8), 8, inject=torch.tensor([True]))
     assert replaced.tolist() == [0]                      # ties: the lowest index
     assert adv[0].item() == pytest.approx(2.475, abs=1e-3)

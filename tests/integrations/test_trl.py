@@ -285,7 +285,7 @@ def test_bf16_autocast_close_to_trl(model_dir, tokenizer, dataset, tmp_path):
 
 
 def test_teacher_rows_use_the_shaped_objective(model_dir, tokenizer, dataset, tmp_path):
-    """With a teacher_mask in the batch the loss is DESIGN section 4's, teacher rows shaped."""
+    """With a teacher_mask in the batch the loss is design section 4's, teacher rows shaped."""
     from hapo_kernels.reference import hapo_loss
 
     opts = dict(LOSS_OPTIONS, loss_type="grpo")

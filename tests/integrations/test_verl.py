@@ -174,7 +174,7 @@ def test_estimator_differs_only_where_ssi_injects():
     moved = expect[group_of]
     torch.testing.assert_close(ours[~moved], theirs[~moved], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(ours[moved], theirs[moved])
-    # DESIGN section 6's worked check (G = 8, no success): teacher +2.475, failures -0.354.
+    # docs/design.md section 6's worked check (G = 8, no success): teacher +2.475, failures -0.354.
     for p in (1, 3):
         rows = torch.nonzero(group_of == p).flatten()
         teacher_row = [i for i in last["teacher_rows"].tolist() if i in rows.tolist()]
