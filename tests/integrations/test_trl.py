@@ -212,9 +212,9 @@ def test_unsupported_options_raise(model_dir, tokenizer, dataset, tmp_path, over
 
 
 def test_hapo_fields_owned_by_grpo_config_raise(model_dir, tokenizer, dataset, tmp_path):
-    with pytest.raises(ValueError, match="HAPOConfig.eps_low"):
+    with pytest.raises(ValueError, match="HAPOConfig.loss.eps_low"):
         make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path,
-                     hapo=HAPOConfig(eps_low=0.3))
+                     hapo=HAPOConfig.from_kwargs(eps_low=0.3))
     with pytest.raises(ValueError, match="teacher_column|'teacher'"):
         make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset.remove_columns("teacher"),
                      tmp_path, hapo=HAPOConfig())
