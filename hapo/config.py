@@ -14,7 +14,7 @@ from hapo_kernels import AdvantageOptions, LossOptions
 from hapo_kernels.options import choice, number, positive_int, split_options
 
 from .gate import ThompsonGate
-from .schedules import SCHEDULES, make_schedule
+from .schedules import SCHEDULES, Schedule, make_schedule
 
 __all__ = ["HAPOConfig", "INJECT_MODES"]
 
@@ -113,7 +113,8 @@ class HAPOConfig:
         """The sampling temperature: the loss's, so that the ratios see the same policy."""
         return self.loss.temperature
 
-    def make_schedule(self):
+    def make_schedule(self) -> Optional[Schedule]:
+        """The gate threshold's schedule, or None for a constant threshold."""
         if self.gate_schedule == "constant":
             return None
         return make_schedule(self.gate_schedule, self.gate_threshold, self.gate_gamma_min,

@@ -10,7 +10,7 @@ teacher fades and the gradient returns to the on-policy one.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -84,9 +84,11 @@ class ThompsonGate:
         seed: seeds the generator of ``mode="thompson"`` (reproducible given the seed).
     """
 
-    def __init__(self, threshold: float = 0.8, mode: str = "mean", prior=(1.0, 1.0),
-                 success_threshold: float = 0.5, memory: str = "step", discount: float = 1.0,
-                 schedule: Optional[Callable[[int], float]] = None, seed: Optional[int] = None):
+    def __init__(self, threshold: float = 0.8, mode: str = "mean",
+                 prior: Sequence[float] = (1.0, 1.0), success_threshold: float = 0.5,
+                 memory: str = "step", discount: float = 1.0,
+                 schedule: Optional[Callable[[int], float]] = None,
+                 seed: Optional[int] = None) -> None:
         self.threshold = number("threshold", threshold, low=0.0, high=1.0)
         self.mode = choice("mode", mode, MODES)
         if not isinstance(prior, (tuple, list)) or len(prior) != 2:
@@ -138,8 +140,10 @@ class ThompsonGate:
         return x / (x + y)
 
     # ------------------------------------------------------------------ decide
-    def decide(self, rewards: torch.Tensor, group_size: int, *, prompt_ids=None,
-               has_demo=None, step: Optional[int] = None) -> torch.Tensor:
+    def decide(self, rewards: torch.Tensor, group_size: int, *,
+               prompt_ids: Optional[Union[torch.Tensor, Sequence[Any]]] = None,
+               has_demo: Optional[Union[torch.Tensor, Sequence[bool]]] = None,
+               step: Optional[int] = None) -> torch.Tensor:
         """Bool ``[P]`` on the rewards' device: inject a demonstration into group p?
 
         ``rewards`` is ``[P * group_size]`` with groups contiguous. ``has_demo`` (bool
@@ -178,8 +182,9 @@ class ThompsonGate:
         return inject.to(rewards.device)
 
     # ------------------------------------------------------------------ analysis
-    def injection_probability(self, success_rate, group_size: int,
-                              step: Optional[int] = None):
+    def injection_probability(self, success_rate: Union[float, Sequence[float], torch.Tensor],
+                              group_size: int, step: Optional[int] = None
+                              ) -> Union[float, torch.Tensor]:
         """Exact P(inject) for a group whose rollouts succeed i.i.d. with ``success_rate``.
 
         ``mean``: ``sum_S Binom(S; N, mu) [ (a0+S)/(a0+b0+N) < gamma_t ]``.

@@ -20,12 +20,14 @@ not a plain linear head; use the logits path for them.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 __all__ = ["output_head", "last_hidden_states"]
 
 
-def output_head(policy):
+def output_head(policy: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(weight [V, H], bias [V] or None)`` of the policy's LM head."""
     get = getattr(policy, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -39,7 +41,7 @@ def output_head(policy):
     return weight, bias if isinstance(bias, torch.Tensor) else None
 
 
-def last_hidden_states(policy, input_ids: torch.Tensor) -> torch.Tensor:
+def last_hidden_states(policy: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """``[B, T, H]``: the input of the LM head at every position."""
     hook = getattr(policy, "hapo_hidden_states", None)
     if callable(hook):

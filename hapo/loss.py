@@ -19,5 +19,5 @@ class HAPOLoss(FusedHAPOLoss):
     back-propagate.
     """
 
-    def __init__(self, config: Optional[HAPOConfig] = None, **overrides: Any):
+    def __init__(self, config: Optional[HAPOConfig] = None, **overrides: Any) -> None:
         super().__init__((config or HAPOConfig()).loss, **overrides)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from hapo_kernels.options import number
 
@@ -39,29 +40,33 @@ class Schedule:
                 or self.total_steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
 
-    def progress(self, step) -> float:
+    def progress(self, step: int) -> float:
+        """How far along the schedule ``step`` is: ``step / total_steps``, at most 1."""
         return min(_check_step(step) / self.total_steps, 1.0)
 
     def shape(self, frac: float) -> float:
         """Fraction of the way from ``gamma`` to ``gamma_min`` at progress ``frac``."""
         return 0.0
 
-    def __call__(self, step) -> float:
+    def __call__(self, step: int) -> float:
+        """The threshold ``gamma_t`` at ``step``."""
         return self.gamma - (self.gamma - self.gamma_min) * self.shape(self.progress(step))
 
 
 class Constant(Schedule):
-    def __init__(self, gamma: float = 0.8):
+    def __init__(self, gamma: float = 0.8) -> None:
         super().__init__(gamma=gamma, gamma_min=gamma, total_steps=1)
 
 
 class Linear(Schedule):
-    def shape(self, frac):
+    def shape(self, frac: float) -> float:
+        """``frac`` itself: the threshold moves linearly."""
         return frac
 
 
 class Cosine(Schedule):
-    def shape(self, frac):
+    def shape(self, frac: float) -> float:
+        """``(1 - cos(pi frac)) / 2``: slow at both ends, fastest halfway."""
         return 0.5 * (1.0 - math.cos(math.pi * frac))
 
 
@@ -75,7 +80,8 @@ class Exponential(Schedule):
         super().__post_init__()
         number("rate", self.rate, low=0.0, low_open=True)
 
-    def __call__(self, step) -> float:
+    def __call__(self, step: int) -> float:
+        """The threshold ``gamma_t`` at ``step`` (the formula above)."""
         t = _check_step(step) / self.total_steps
         return self.gamma_min + (self.gamma - self.gamma_min) * math.exp(-self.rate * t)
 
@@ -102,7 +108,7 @@ SCHEDULES = {"constant": constant, "linear": linear, "cosine": cosine,
 
 
 def make_schedule(name: str, gamma: float = 0.8, gamma_min: float = 0.5,
-                  total_steps: int = 1000, **kwargs) -> Schedule:
+                  total_steps: int = 1000, **kwargs: Any) -> Schedule:
     """Build a schedule by name; ``constant`` ignores ``gamma_min`` and ``total_steps``."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r} is not one of {list(SCHEDULES)}")

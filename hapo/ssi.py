@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -51,7 +51,7 @@ def _get(batch, name):
     return getattr(batch, name)
 
 
-def lookup_demo(demos, key):
+def lookup_demo(demos: Any, key: Any) -> Optional[torch.Tensor]:
     """The teacher completion for ``key`` (1-D long tensor) or None where there is none.
 
     ``demos`` is a mapping (missing key: none), a sequence indexed by ``key``
@@ -74,8 +74,9 @@ def lookup_demo(demos, key):
     return demo
 
 
-def inject_successes(batch, demos, inject: torch.Tensor, group_size: int, *,
-                     teacher_reward: float = TEACHER_REWARD, pad_token_id: int = 0):
+def inject_successes(batch: Any, demos: Any, inject: torch.Tensor, group_size: int, *,
+                     teacher_reward: float = TEACHER_REWARD,
+                     pad_token_id: int = 0) -> Tuple[Any, torch.Tensor]:
     """Replace one rollout per injected group by its prompt's teacher demonstration.
 
     Args:

@@ -20,7 +20,8 @@ and model-agnostic.
 from __future__ import annotations
 
 import copy
-from typing import Callable, List, Optional
+import os
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -35,7 +36,8 @@ from .ssi import RolloutBatch, inject_successes, lookup_demo
 __all__ = ["HAPOTrainer", "policy_logits"]
 
 
-def policy_logits(policy, input_ids: torch.Tensor) -> torch.Tensor:
+def policy_logits(policy: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The logits ``[B, T, V]`` of ``policy(input_ids)`` (the tensor itself or ``.logits``)."""
     out = policy(input_ids)
     logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
@@ -59,8 +61,9 @@ class HAPOTrainer:
             ``config.loss.beta > 0`` (and no KL otherwise).
     """
 
-    def __init__(self, policy, optimizer, reward_fn: Callable, demos=None,
-                 config: Optional[HAPOConfig] = None, *, ref_policy=None):
+    def __init__(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 reward_fn: Callable, demos: Any = None, config: Optional[HAPOConfig] = None,
+                 *, ref_policy: Optional[torch.nn.Module] = None) -> None:
         self.policy, self.optimizer, self.reward_fn = policy, optimizer, reward_fn
         self.demos = demos
         self.config = config = config or HAPOConfig()
@@ -76,7 +79,7 @@ class HAPOTrainer:
 
     # ------------------------------------------------------------------ rollouts
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor):
+    def generate(self, prompt_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``G`` sampled completions per prompt: ``(completion_ids, completion_mask)``."""
         cfg = self.config
         seq = prompt_ids.repeat_interleave(cfg.group_size, dim=0)
@@ -143,7 +146,8 @@ class HAPOTrainer:
         return keys
 
     # ------------------------------------------------------------------ one step
-    def step(self, prompt_ids: torch.Tensor, prompt_keys=None) -> dict:
+    def step(self, prompt_ids: torch.Tensor,
+             prompt_keys: Optional[Union[torch.Tensor, Sequence[Any]]] = None) -> dict:
         """One HAPO step on ``prompt_ids`` ``[P, Lp]`` (equal-length prompts); returns
         the step's metrics (also appended to ``self.history``)."""
         cfg, G = self.config, self.config.group_size
@@ -274,7 +278,8 @@ class HAPOTrainer:
         return out
 
     # ------------------------------------------------------------------ loop
-    def train(self, prompts, num_steps: int, callback: Optional[Callable] = None) -> list:
+    def train(self, prompts: Union[Callable[[int], Any], Iterable[Any]], num_steps: int,
+              callback: Optional[Callable] = None) -> list:
         """Run ``num_steps`` steps. ``prompts`` is a callable ``step -> prompt_ids`` (or
         ``(prompt_ids, keys)``) or an iterable of those. ``callback(trainer, metrics)``
         runs after each step. Shows a tqdm bar when ``config.progress``."""
@@ -307,9 +312,11 @@ class HAPOTrainer:
         self.generator.set_state(state["generator"])
         self.history = list(state["history"])
 
-    def save_checkpoint(self, path) -> None:
+    def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Write ``state_dict()`` to ``path`` (``torch.save``)."""
         torch.save(self.state_dict(), path)
 
-    def load_checkpoint(self, path) -> None:
+    def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Restore the trainer from a file written by ``save_checkpoint``."""
         # Checkpoints are the trainer's own files (they hold the gate's Python dicts).
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))

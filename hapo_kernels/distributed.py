@@ -36,10 +36,13 @@ broadcast.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from .backends import Backend, RowStats
 
 __all__ = ["VocabShard", "vocab_shard", "VocabParallelOps", "combine_vocab_stats",
            "rank_offset", "gather_rewards", "broadcast_decisions", "decide_injections"]
@@ -63,7 +66,7 @@ def _all_gather_sizes(n: int, device, group) -> list:
     return [int(s) for s in sizes]
 
 
-def rank_offset(n: int, device, group=None) -> int:
+def rank_offset(n: int, device: torch.device, group: Any = None) -> int:
     """Where this rank's ``n`` items start in the rank-ordered concatenation."""
     _require_initialized("process_group")
     return sum(_all_gather_sizes(n, device, group)[:dist.get_rank(group)])
@@ -79,7 +82,7 @@ class VocabShard:
     vocab_size: int         # the whole vocabulary (the range of the target ids)
 
 
-def vocab_shard(logits: torch.Tensor, group) -> VocabShard:
+def vocab_shard(logits: torch.Tensor, group: Any) -> VocabShard:
     """Where this rank's ``[..., V_k]`` slice sits: one all-gather of the slice sizes."""
     _require_initialized("vocab_parallel_group")
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
@@ -89,7 +92,8 @@ def vocab_shard(logits: torch.Tensor, group) -> VocabShard:
     return VocabShard(group, sum(sizes[:rank]), sizes[rank], sum(sizes))
 
 
-def combine_vocab_stats(logp_k, ent_k, lse_k, held, valid, group):
+def combine_vocab_stats(logp_k: torch.Tensor, ent_k: torch.Tensor, lse_k: torch.Tensor,
+                        held: torch.Tensor, valid: torch.Tensor, group: Any) -> RowStats:
     """Unsharded ``(logp, entropy, lse, sum_pz)`` from every rank's slice statistics.
 
     ``logp_k`` counts only where this rank ``held`` the target. Two all-reduces of
@@ -118,7 +122,7 @@ class VocabParallelOps:
     ``SelectiveLogSoftmaxFunction`` and ``twopass.two_pass_loss`` unchanged.
     """
 
-    def __init__(self, base, shard: VocabShard):
+    def __init__(self, base: Backend, shard: VocabShard) -> None:
         self.base, self.shard = base, shard
 
     def _local_targets(self, target_ids, ignore_index, absent):
@@ -130,7 +134,10 @@ class VocabParallelOps:
         other = torch.where(valid, torch.full_like(y, absent), y)   # keeps ignore_index
         return torch.where(held, local, other), held, valid
 
-    def row_stats(self, logits, target_ids, temperature=1.0, ignore_index=-100, *, out=None):
+    def row_stats(self, logits: torch.Tensor, target_ids: torch.Tensor,
+                  temperature: float = 1.0, ignore_index: int = -100, *,
+                  out: Optional[RowStats] = None) -> RowStats:
+        """Unsharded float32 ``(logp, entropy, lse, sum_pz)`` per row, into ``out`` if given."""
         # Column 0 stands in for a target held elsewhere: its logp_k is not used.
         y, held, valid = self._local_targets(target_ids, ignore_index, 0)
         logp_k, ent_k, lse_k, _ = self.base.row_stats(logits, y, temperature, ignore_index)
@@ -141,8 +148,12 @@ class VocabParallelOps:
             buf.copy_(value)
         return out
 
-    def grad_logits(self, logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature=1.0,
-                    ignore_index=-100, out=None):
+    def grad_logits(self, logits: torch.Tensor, target_ids: torch.Tensor, lse: torch.Tensor,
+                    sum_pz: torch.Tensor, g_logp: Optional[torch.Tensor],
+                    g_ent: Optional[torch.Tensor], temperature: float = 1.0,
+                    ignore_index: int = -100,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The gradient of this rank's logits slice (its shape and dtype), into ``out``."""
         # A target id outside [0, V_k) adds no one-hot term (both backends).
         absent = self.shard.size if ignore_index != self.shard.size else self.shard.size + 1
         y, _, _ = self._local_targets(target_ids, ignore_index, absent)
@@ -151,7 +162,7 @@ class VocabParallelOps:
 
 
 # --------------------------------------------------------------------------- data-parallel
-def gather_rewards(rewards: torch.Tensor, group=None) -> Tuple[torch.Tensor, int]:
+def gather_rewards(rewards: torch.Tensor, group: Any = None) -> Tuple[torch.Tensor, int]:
     """Every rank's rewards concatenated in rank order, and where this rank's slice starts.
 
     Ranks may hold different numbers of rollouts (an all-gather of the sizes, then of the
@@ -171,7 +182,7 @@ def gather_rewards(rewards: torch.Tensor, group=None) -> Tuple[torch.Tensor, int
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
 
 
-def broadcast_decisions(inject: torch.Tensor, group=None) -> torch.Tensor:
+def broadcast_decisions(inject: torch.Tensor, group: Any = None) -> torch.Tensor:
     """The group's first rank's bool decisions, on every rank (same shape on each)."""
     _require_initialized("process_group")
     if not isinstance(inject, torch.Tensor):
@@ -181,7 +192,8 @@ def broadcast_decisions(inject: torch.Tensor, group=None) -> torch.Tensor:
     return as_bytes.bool()
 
 
-def decide_injections(gate, rewards, group_size, process_group=None, **decide_kwargs):
+def decide_injections(gate: Any, rewards: torch.Tensor, group_size: int,
+                      process_group: Any = None, **decide_kwargs: Any) -> torch.Tensor:
     """A gate's decision per group, made once on the gathered rewards; every rank agrees.
 
     Every rank runs ``gate.decide`` on the whole batch (so a persistent gate's state stays

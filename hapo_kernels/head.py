@@ -119,7 +119,7 @@ class Grads:
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  need_hidden: bool, need_weight: bool, need_bias: bool,
-                 fp32_accumulate: bool):
+                 fp32_accumulate: bool) -> None:
         acc = torch.float32 if fp32_accumulate else weight.dtype
         self.dtype = weight.dtype
         self.h = new_buffer(hidden.shape, hidden.dtype, hidden.device) if need_hidden else None
@@ -132,7 +132,8 @@ class Grads:
     def any(self) -> bool:
         return self.h is not None or self.w is not None or self.b is not None
 
-    def add(self, r0, r1, h, g, weight, v0, v1, h_acc=None):
+    def add(self, r0: int, r1: int, h: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
+            v0: int, v1: int, h_acc: Optional[torch.Tensor] = None) -> None:
         """Add the gradient block ``g = dL/dlogits[r0:r1, v0:v1]`` (inputs' dtype)."""
         if self.h is not None:
             if h_acc is None:                        # full-width chunk: rows done here
@@ -144,7 +145,10 @@ class Grads:
         if self.b is not None:
             self.b[v0:v1] += g.sum(0, dtype=torch.float32)
 
-    def finish(self):
+    def finish(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
+                              Optional[torch.Tensor]]:
+        """``(hidden, weight, bias)`` gradients, the last two in the weight's dtype; None
+        where not asked for."""
         def cast(t):
             return None if t is None else t.to(self.dtype)
         return self.h, cast(self.w), cast(self.b)
@@ -223,7 +227,7 @@ class HeadOps:
     unchanged, given the hidden states for the logits and a ``Grads`` for their gradient."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], chunks: Chunks,
-                 backend: Backend):
+                 backend: Backend) -> None:
         self.weight, self.bias, self.chunks, self.backend = weight, bias, chunks, backend
 
     def row_stats(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,

@@ -266,7 +266,7 @@ class FusedLinearHAPOLoss(nn.Module):
 
     def __init__(self, options: Optional[LossOptions] = None, *,
                  chunk_size: Optional[int] = None, fp32_accumulate: bool = True,
-                 **option_values: Any):
+                 **option_values: Any) -> None:
         super().__init__()
         self.options, self.advantage_options = split_options(option_values, options)
         self.chunk_size = chunk_size

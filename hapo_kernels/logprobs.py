@@ -94,7 +94,7 @@ class SelectiveLogSoftmax(nn.Module):
     """``selective_log_softmax`` as a module (``temperature`` and ``return_entropy`` fixed)."""
 
     def __init__(self, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                 return_entropy: bool = False):
+                 return_entropy: bool = False) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.ignore_index = ignore_index

@@ -237,7 +237,7 @@ class FusedHAPOLoss(nn.Module):
     """
 
     def __init__(self, options: Optional[LossOptions] = None, *, inplace_grad: bool = False,
-                 **option_values: Any):
+                 **option_values: Any) -> None:
         super().__init__()
         self.options, self.advantage_options = split_options(option_values, options)
         self.inplace_grad = check_bool("inplace_grad", inplace_grad)

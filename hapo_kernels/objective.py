@@ -21,6 +21,7 @@ import torch
 
 if TYPE_CHECKING:                      # options imports the tables below
     from .options import LossOptions
+    from .packed import Segments
 
 Tensor = torch.Tensor
 
@@ -104,7 +105,7 @@ class TokenObjective(NamedTuple):
 
 
 def importance_ratio(logp: Tensor, old_logp: Optional[Tensor], valid: Tensor,
-                     opts: LossOptions, segments=None) -> Tensor:
+                     opts: LossOptions, segments: Optional[Segments] = None) -> Tensor:
     """``rho``: per token, or per sequence (GSPO: the exp of the mean log-ratio of a
     sequence, a row of ``[B, T]`` or a segment of packed tokens), gradient to ``logp``."""
     old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
@@ -121,7 +122,7 @@ def importance_ratio(logp: Tensor, old_logp: Optional[Tensor], valid: Tensor,
 def token_objective(logp: Tensor, entropy: Optional[Tensor], advantages: Tensor,
                     valid: Tensor, *, old_logp: Optional[Tensor] = None,
                     ref_logp: Optional[Tensor] = None, teacher: Optional[Tensor] = None,
-                    opts: LossOptions, segments=None) -> TokenObjective:
+                    opts: LossOptions, segments: Optional[Segments] = None) -> TokenObjective:
     """Per-token loss and metrics of docs/design.md section 4, in ``logp``'s dtype.
 
     Every tensor has one shape: ``[B, T]`` (a sequence per row) or packed tokens with
@@ -167,7 +168,7 @@ class TokenTerms(NamedTuple):
 def token_terms(logp: Tensor, entropy: Tensor, *, valid: Tensor, advantages: Tensor,
                 old_logp: Optional[Tensor], ref_logp: Optional[Tensor], teacher: Tensor,
                 weights: Tensor, opts: LossOptions, need_grad: bool,
-                segments=None) -> TokenTerms:
+                segments: Optional[Segments] = None) -> TokenTerms:
     """``w * l`` per token and the scalar derivatives ``d(sum w l)/dlogp``, ``/dentropy``.
 
     The chain rule through the logits needs only these two per-token scalars, so every

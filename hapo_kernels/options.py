@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -252,7 +252,8 @@ class AdvantageOptions(_Options):
 
 
 def split_options(kwargs: Mapping[str, Any], loss: Optional[LossOptions] = None,
-                  advantages: Optional[AdvantageOptions] = None):
+                  advantages: Optional[AdvantageOptions] = None
+                  ) -> Tuple[LossOptions, AdvantageOptions]:
     """``(LossOptions, AdvantageOptions)`` from one mapping of keyword options; a name
     that is neither's raises ``TypeError`` listing both sets."""
     loss_names, adv_names = set(LossOptions.names()), set(AdvantageOptions.names())

@@ -13,7 +13,7 @@ right-padded ``[S, max_len]`` batch holding the same sequences (tests/test_packe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -49,7 +49,7 @@ class Segments:
         return self.broadcast(mean).reshape(x.shape)
 
 
-def check_cu_seqlens(cu_seqlens, n_tokens: int, device) -> Segments:
+def check_cu_seqlens(cu_seqlens: Any, n_tokens: int, device: torch.device) -> Segments:
     """Validate ``cu_seqlens`` for ``n_tokens`` packed tokens; ValueError naming it."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -75,7 +75,8 @@ def check_cu_seqlens(cu_seqlens, n_tokens: int, device) -> Segments:
     return Segments(cu, ids, S, max_len)
 
 
-def packed_segments(logits, target_ids, cu_seqlens) -> Optional[Segments]:
+def packed_segments(logits: torch.Tensor, target_ids: torch.Tensor,
+                    cu_seqlens: Any) -> Optional[Segments]:
     """``Segments`` for packed ``[N, V]`` logits and ``cu_seqlens`` (None when not given)."""
     if cu_seqlens is None:
         return None
@@ -86,7 +87,7 @@ def packed_segments(logits, target_ids, cu_seqlens) -> Optional[Segments]:
     return check_cu_seqlens(cu_seqlens, target_ids.numel(), logits.device)
 
 
-def per_token(name: str, tensor, segments: Optional[Segments]):
+def per_token(name: str, tensor: Any, segments: Optional[Segments]) -> Any:
     """A per-sequence ``[S]`` input broadcast to its ``[N]`` tokens; ``[N]`` passes through.
 
     Anything else is left for ``options.check_loss_tensors`` to reject with its message.

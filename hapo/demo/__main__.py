@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, replace
+from typing import Optional, Sequence
 
 import torch
 
@@ -18,7 +19,8 @@ from .experiment import METHODS, QUICK, Settings, format_table, run_all, summari
 from .plots import plot_runs
 
 
-def parse_args(argv=None):
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line's options (``argv``, else ``sys.argv[1:]``) as a ``Namespace``."""
     p = argparse.ArgumentParser(prog="hapo-demo", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 seeds x 40 steps (~2 min on 2 CPUs)")
     p.add_argument("--out", default="hapo_demo_out", help="output folder (default hapo_demo_out/)")
@@ -30,7 +32,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run(argv=None) -> dict:
+def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the demo; return what summary.json holds."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -72,7 +74,7 @@ def run(argv=None) -> dict:
     return result
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point (``hapo-demo``): returns None so the exit status is 0."""
     run(argv)
 

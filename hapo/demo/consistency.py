@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -38,7 +38,8 @@ def hoeffding_bound(mu: float, gate: ThompsonGate, group_size: int = N) -> float
     return 1.0 if mu <= g else math.exp(-2 * group_size * (mu - g) ** 2)
 
 
-def analytic_table(rates=RATES) -> List[dict]:
+def analytic_table(rates: Sequence[float] = RATES) -> List[dict]:
+    """One row per success rate in ``rates``: each analytic gate's exact P(inject)."""
     gates = analytic_gates()
     rows = []
     for mu in rates:
@@ -92,7 +93,8 @@ def empirical_table(steps: int = 400, prompts: int = 64, seed: int = 0) -> List[
     return rows
 
 
-def markdown(rows: List[dict], fmt="{:.4f}") -> str:
+def markdown(rows: List[dict], fmt: str = "{:.4f}") -> str:
+    """``rows`` (dicts with the same keys) as a Markdown table, floats in ``fmt``."""
     keys = list(rows[0])
     cells = [[fmt.format(r[k]) if isinstance(r[k], float) else str(r[k]) for k in keys]
              for r in rows]
@@ -117,7 +119,8 @@ def plot(path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> str:
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    """Write consistency.md and consistency.png into ``--out``; return the Markdown text."""
     p = argparse.ArgumentParser(prog="python -m hapo.demo.consistency",
                                 description="P(inject) tables and plot for the HAPO gate")
     p.add_argument("--out", default="docs", help="output folder (default docs/)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -53,7 +53,8 @@ def make_policy(task: ReverseTask, settings: Settings, seed: int) -> TinyCausalL
 
 
 @torch.no_grad()
-def sampled_success(policy, task, prompts, samples, generator, greedy=False) -> float:
+def sampled_success(policy: torch.nn.Module, task: ReverseTask, prompts: torch.Tensor,
+                    samples: int, generator: torch.Generator, greedy: bool = False) -> float:
     """Success rate of temperature-1 samples (or of the greedy completion)."""
     seq = prompts.repeat_interleave(1 if greedy else samples, dim=0)
     plen = seq.shape[1]
@@ -194,7 +195,8 @@ def format_table(summary: dict) -> str:
     return "\n".join([line(head), sep] + [line(r) for r in rows])
 
 
-def run_all(settings: Settings, log=print) -> List[dict]:
+def run_all(settings: Settings, log: Callable[[str], Any] = print) -> List[dict]:
+    """``run_one``'s result for every method and seed of ``settings``; one ``log`` line each."""
     runs = []
     for method in settings.methods:
         if method not in METHODS:

@@ -9,7 +9,7 @@ class TinyCausalLM(nn.Module):
     """``input_ids [B, T] -> logits [B, T, V]``; pre-norm, learned positions, no dropout."""
 
     def __init__(self, vocab_size: int, max_len: int = 32, d_model: int = 64,
-                 n_layers: int = 2, n_heads: int = 4, d_ff: int = 128):
+                 n_layers: int = 2, n_heads: int = 4, d_ff: int = 128) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(max_len, d_model)

@@ -9,6 +9,7 @@ demonstration for a prompt is its answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -38,14 +39,15 @@ class ReverseTask:
     def answer(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         return prompt_ids[:, 1:1 + self.length].flip(1)
 
-    def reward(self, prompt_ids, completion_ids, completion_mask) -> torch.Tensor:
+    def reward(self, prompt_ids: torch.Tensor, completion_ids: torch.Tensor,
+               completion_mask: torch.Tensor) -> torch.Tensor:
         """1.0 iff the first L completion tokens are exactly the reversed digits."""
         want = self.answer(prompt_ids)
         got = completion_ids[:, :self.length]
         ok = (got == want).all(1) & completion_mask[:, :self.length].bool().all(1)
         return ok.float()
 
-    def demo(self, key) -> torch.Tensor:
+    def demo(self, key: Sequence[int]) -> torch.Tensor:
         """The teacher completion for a prompt key (the prompt's token tuple)."""
         return self.answer(torch.tensor([key]))[0]
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from accelerate.utils import is_peft_model
@@ -176,10 +176,10 @@ class HAPOGRPOTrainer(GRPOTrainer):
             ``HAPOConfig.fused_linear_chunk_size`` is used when this is None.
     """
 
-    def __init__(self, model, reward_funcs=None, args: Optional[GRPOConfig] = None, *rest,
-                 hapo: Optional[HAPOConfig] = None, teacher_column: str = "teacher",
+    def __init__(self, model: Any, reward_funcs: Any = None, args: Optional[GRPOConfig] = None,
+                 *rest: Any, hapo: Optional[HAPOConfig] = None, teacher_column: str = "teacher",
                  fused_linear: bool = False, fused_linear_chunk_size: Optional[int] = None,
-                 **kwargs):
+                 **kwargs: Any) -> None:
         if args is None:
             args = GRPOConfig(output_dir="hapo-grpo")
         if hapo is not None and not isinstance(hapo, HAPOConfig):

@@ -18,7 +18,7 @@ was imported.
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -99,9 +99,12 @@ def _clip_options(config):
 
 
 @register_policy_loss("hapo")
-def compute_policy_loss_hapo(old_log_prob, log_prob, advantages, response_mask,
-                             loss_agg_mode: str = "token-mean", config=None,
-                             rollout_is_weights=None, teacher_mask=None):
+def compute_policy_loss_hapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                             advantages: torch.Tensor, response_mask: torch.Tensor,
+                             loss_agg_mode: str = "token-mean", config: Any = None,
+                             rollout_is_weights: Optional[torch.Tensor] = None,
+                             teacher_mask: Optional[torch.Tensor] = None
+                             ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """verl's clipped PPO loss (``compute_policy_loss_vanilla``) plus HAPO teacher rows.
 
     Per token: DESIGN section 4 with ``eps_low/high = clip_ratio_low/high`` and dual clip
@@ -153,9 +156,13 @@ def _contiguous_groups(index):
 
 
 @register_adv_est("hapo")
-def compute_hapo_outcome_advantage(token_level_rewards, response_mask, index,
+def compute_hapo_outcome_advantage(token_level_rewards: torch.Tensor,
+                                   response_mask: torch.Tensor, index: np.ndarray,
                                    epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
-                                   config=None, inject=None, **kwargs):
+                                   config: Any = None,
+                                   inject: Optional[Union[torch.Tensor, np.ndarray,
+                                                          Sequence[bool]]] = None,
+                                   **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     """GRPO outcome advantages with SSI substitution (DESIGN section 6).
 
     Same inputs and outputs as verl's ``compute_grpo_outcome_advantage``; groups are the

@@ -20,9 +20,14 @@ whose statistics are kept relative to the row max ``m`` (no cancellation of larg
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
 import torch
 
 from ..layout import row_layout, rows_2d
+
+if TYPE_CHECKING:
+    from ..backends import RowStats
 
 # Size of one float32 [chunk, V] temporary; a chunk keeps about five alive (the input
 # chunk in float32, d, e^d, a product inside vecdot, the gradient chunk), so 8 MiB holds
@@ -36,7 +41,7 @@ def chunk_rows(V: int) -> int:
 
 
 # --------------------------------------------------------------------------- chunking
-def row_ranges(tensor: torch.Tensor, step: int):
+def row_ranges(tensor: torch.Tensor, step: int) -> List[Tuple[int, int]]:
     """``(r0, r1)`` chunks of at most ``step`` rows that ``row_view`` views without a copy.
 
     Where the rows have no flat ``[rows, V]`` view (e.g. ``logits[:, :-1]``), a chunk holds
@@ -65,7 +70,7 @@ def row_view(tensor: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     return tensor[b, r0 - b * T:r1 - b * T]
 
 
-def scaled_rows(chunk: torch.Tensor, inv_t: float):
+def scaled_rows(chunk: torch.Tensor, inv_t: float) -> Tuple[torch.Tensor, bool]:
     """``(z, owned)``: float32 ``[rows, V]`` of ``chunk / T``, and whether ``z`` is a new
     tensor that may be overwritten (``False``: it is the caller's chunk itself)."""
     if chunk.dtype == torch.float32 and inv_t == 1.0:
@@ -74,12 +79,13 @@ def scaled_rows(chunk: torch.Tensor, inv_t: float):
     return (chunk.float() * inv_t).reshape(-1, chunk.shape[-1]), True
 
 
-def store_rows(dst: torch.Tensor, value: torch.Tensor):
+def store_rows(dst: torch.Tensor, value: torch.Tensor) -> None:
     """Write ``[rows, V]`` ``value`` into a ``row_view`` (2-D or whole sequences)."""
     dst.copy_(value.view(dst.shape))
 
 
-def safe_targets(target_ids: torch.Tensor, ignore_index: int, V: int):
+def safe_targets(target_ids: torch.Tensor, ignore_index: int,
+                 V: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flat safe targets (0 where ignored or outside ``[0, V)``), held and valid masks.
 
     A target outside ``[0, V)`` other than ``ignore_index`` is one that a vocabulary
@@ -97,7 +103,9 @@ def safe_targets(target_ids: torch.Tensor, ignore_index: int, V: int):
 NEG_LOG_P = -1e30
 
 
-def chunk_stats(z: torch.Tensor, owned: bool, y: torch.Tensor, *, for_grad: bool = True):
+def chunk_stats(z: torch.Tensor, owned: bool, y: torch.Tensor, *, for_grad: bool = True
+                ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor,
+                       torch.Tensor, torch.Tensor]:
     """``(lp, p, lse, ent, logp)`` of a float32 ``[c, V]`` chunk (``[c, 1]`` but lp, p).
 
     Kept relative to the row max ``m``: ``d = z - m``, ``s = sum e^d``, ``w = sum e^d d``,
@@ -126,7 +134,9 @@ def chunk_stats(z: torch.Tensor, owned: bool, y: torch.Tensor, *, for_grad: bool
     return d.sub_(log_s), e.div_(s), m + log_s, ent, logp
 
 
-def chunk_grad(lp, p, ent, a, b, y, held, valid, dst):
+def chunk_grad(lp: torch.Tensor, p: torch.Tensor, ent: torch.Tensor, a: torch.Tensor,
+               b: Optional[torch.Tensor], y: torch.Tensor, held: torch.Tensor,
+               valid: torch.Tensor, dst: torch.Tensor) -> None:
     """``dst <- a * (onehot - p) - b * p * (z - sum_pz)`` for one chunk.
 
     With ``lp = z - lse`` and ``z - sum_pz = lp + ent`` this is
@@ -149,8 +159,9 @@ def chunk_grad(lp, p, ent, a, b, y, held, valid, dst):
 
 
 # --------------------------------------------------------------------------- public internals
-def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=None,
-              need_entropy=True):
+def row_stats(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float = 1.0,
+              ignore_index: int = -100, *, out: Optional[RowStats] = None,
+              need_entropy: bool = True) -> RowStats:
     """float32 ``(logp, entropy, lse, sum_pz)`` per row (``[target_ids.numel()]`` each).
 
     All four are 0 on ignored rows (the Triton kernel skips reading those rows). ``out``:
@@ -177,8 +188,10 @@ def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=Non
     return out
 
 
-def grad_logits(logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature=1.0,
-                ignore_index=-100, out=None):
+def grad_logits(logits: torch.Tensor, target_ids: torch.Tensor, lse: torch.Tensor,
+                sum_pz: torch.Tensor, g_logp: Optional[torch.Tensor],
+                g_ent: Optional[torch.Tensor], temperature: float = 1.0,
+                ignore_index: int = -100, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``d logits = ((onehot - p) * g_logp - p * (z - sum_pz) * g_ent) / T``, 0 on ignored rows.
 
     ``g_logp`` / ``g_ent`` are per-row upstream gradients (``None``: that term is skipped).

@@ -12,12 +12,17 @@ like ``logits[:, :-1]`` are read in place. Offsets are int64. Ignored rows are n
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from ..layout import row_layout
 from .rows import block_v, num_warps, row_offset
+
+if TYPE_CHECKING:
+    from ..backends import RowStats
 
 
 @triton.jit
@@ -123,8 +128,9 @@ def grad_logits_kernel(x_ptr, y_ptr, lse_ptr, spz_ptr, gl_ptr, ge_ptr, dx_ptr,
         tl.store(dx_row + idx, dx.to(dx_ptr.dtype.element_ty), mask=in_row)
 
 
-def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=None,
-              need_entropy=True):
+def row_stats(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float = 1.0,
+              ignore_index: int = -100, *, out: Optional[RowStats] = None,
+              need_entropy: bool = True) -> RowStats:
     """float32 ``(logp, entropy, lse, sum_pz)`` per row; all four are 0 on ignored rows.
 
     ``out``: optional tuple of four float32 contiguous ``[rows]`` buffers to write into.
@@ -147,8 +153,10 @@ def row_stats(logits, target_ids, temperature=1.0, ignore_index=-100, *, out=Non
     return out
 
 
-def grad_logits(logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature=1.0,
-                ignore_index=-100, out=None):
+def grad_logits(logits: torch.Tensor, target_ids: torch.Tensor, lse: torch.Tensor,
+                sum_pz: torch.Tensor, g_logp: Optional[torch.Tensor],
+                g_ent: Optional[torch.Tensor], temperature: float = 1.0,
+                ignore_index: int = -100, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``d logits = ((onehot - p) * g_logp - p * (z - sum_pz) * g_ent) / T`` in one launch.
 
     Rows with ``target == ignore_index`` get a zero gradient. ``g_logp`` / ``g_ent`` may be

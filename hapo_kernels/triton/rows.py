@@ -14,8 +14,10 @@ to find the row still in L2; bench/gpu_check.sh measures both grids side by side
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -34,7 +36,7 @@ def row_offset(row, T, stride_b, stride_t):
     return (r // T) * stride_b + (r % T) * stride_t
 
 
-def programs_per_sm():
+def programs_per_sm() -> Optional[int]:
     """The persistent-grid setting in force: ``persistent_rows``, else the environment
     variable ``HAPO_PROGRAMS_PER_SM``, else None (one program per row)."""
     k = _programs_per_sm.get()
@@ -47,7 +49,7 @@ def programs_per_sm():
     return k
 
 
-def persistent_rows(k):
+def persistent_rows(k: Optional[int]) -> contextlib.AbstractContextManager:
     """Run the fused loss kernel on ``k`` programs per SM (None: one program per row)."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"persistent_rows(k): k must be a whole number >= 1 or None; got {k!r}")
