@@ -1,4 +1,4 @@
-"""HAPO training layer: gate, SSI operator, loss module and trainer (DESIGN section 8)."""
+"""HAPO training layer: gate, SSI operator, loss module and trainer (docs/design.md section 8)."""
 from hapo_kernels.version import __version__  # noqa: E402  (one version for both packages)
 
 from . import schedules

@@ -1,6 +1,6 @@
 """The HAPO gate: decide per group and step whether SSI injects a teacher demonstration.
 
-DESIGN section 7. A group of ``N`` rollouts with ``S`` successes has the posterior
+docs/design.md section 7. A group of ``N`` rollouts with ``S`` successes has the posterior
 ``Beta(a0 + S, b0 + N - S)`` over its success rate. ``mode="mean"`` (the paper's rule)
 injects iff the posterior mean is below ``gamma_t``; ``mode="thompson"`` draws ``theta``
 from the posterior and injects iff ``theta < gamma_t``. As the policy's success rate
@@ -67,7 +67,7 @@ def _binomial_pmf(n: int, mu: float) -> list:
 
 # --------------------------------------------------------------------------- the gate
 class ThompsonGate:
-    """Per-group injection decisions (DESIGN section 7).
+    """Per-group injection decisions (docs/design.md section 7).
 
     Args:
         threshold: ``gamma``, used when ``schedule`` is None. In ``[0, 1]``; 1.0 with

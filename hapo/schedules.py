@@ -1,4 +1,4 @@
-"""Schedules for the gate threshold ``gamma_t`` (DESIGN section 7).
+"""Schedules for the gate threshold ``gamma_t`` (docs/design.md section 7).
 
 Annealing ``gamma_t`` below the policy's limiting success rate is what makes the gate
 close for a policy that never becomes perfect (asymptotic consistency). A schedule is a

@@ -1,6 +1,6 @@
 """Synthetic Success Injection (SSI): put a verified teacher demonstration into a group.
 
-DESIGN section 6. For each group the gate opened, the rollout that ``group_advantages``
+docs/design.md section 6. For each group the gate opened, the rollout that ``group_advantages``
 replaces (the lowest reward, first index on ties) gets the prompt's teacher completion,
 the teacher reward and a teacher flag. The choice is delegated to
 ``hapo_kernels.group_advantages`` itself so the token batch and the advantages can never

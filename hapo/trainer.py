@@ -3,7 +3,7 @@
 One ``step(prompt_ids)``:
   1. sample ``G`` rollouts per prompt (temperature, ``max_new_tokens``, optional EOS);
   2. score them with ``reward_fn``;
-  3. gate -> SSI -> group advantages (DESIGN sections 6-7);
+  3. gate -> SSI -> group advantages (docs/design.md sections 6-7);
   4. old log-probs with ``selective_log_softmax`` under no_grad (for ``ppo_epochs > 1``),
      computed after SSI so that the teacher rows have them too (the ``"ratio"`` teacher
      objective uses them);

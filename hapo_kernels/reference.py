@@ -54,7 +54,7 @@ def log_probs(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float
 # --------------------------------------------------------------------------- section 5
 def aggregate(per_token_loss: torch.Tensor, valid: torch.Tensor,
               opts: LossOptions) -> torch.Tensor:
-    """The aggregation modes of DESIGN section 5, literally."""
+    """The aggregation modes of docs/design.md section 5, literally."""
     m = valid.to(per_token_loss.dtype)
     ml = m * per_token_loss
     B, T = per_token_loss.shape

@@ -75,7 +75,7 @@ def unsupported_options(args: GRPOConfig, hapo: Optional[HAPOConfig] = None) -> 
         bad.append(f"loss_type={args.loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})")
     eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
     # TRL's two-sided clip caps the ratio at delta before the PPO min; that is the dual clip
-    # min(l, -delta*A) of DESIGN section 4 only when delta lies above the clip range.
+    # min(l, -delta*A) of docs/design.md section 4 only when delta lies above the clip range.
     if args.delta is not None and not args.delta > 1.0 + eps_high:
         bad.append(f"delta={args.delta} (must be > 1 + epsilon_high = {1.0 + eps_high})")
     if args.beta != 0.0 and args.use_bias_correction_kl:

@@ -4,7 +4,7 @@
 Importing this module registers, through verl's own registries,
 
 * policy loss ``"hapo"`` (``actor_rollout_ref.actor.policy_loss.loss_mode=hapo``): the
-  clipped objective of DESIGN section 4 with verl's ``clip_ratio_low/high`` and dual clip
+  clipped objective of docs/design.md section 4 with verl's ``clip_ratio_low/high`` and dual clip
   ``clip_ratio_c``, teacher rows (``teacher_mask=``) trained with the shaped objective, and
   verl's own ``agg_loss`` for every ``loss_agg_mode`` (global token / batch counts included);
 * advantage estimator ``"hapo"`` (``algorithm.adv_estimator=hapo``): GRPO advantages with SSI
@@ -107,7 +107,7 @@ def compute_policy_loss_hapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
                              ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """verl's clipped PPO loss (``compute_policy_loss_vanilla``) plus HAPO teacher rows.
 
-    Per token: DESIGN section 4 with ``eps_low/high = clip_ratio_low/high`` and dual clip
+    Per token: docs/design.md section 4 with ``eps_low/high = clip_ratio_low/high`` and dual clip
     ``clip_ratio_c``; rows of ``teacher_mask`` (``[bs]`` or ``[bs, T]``) use the configured
     teacher objective (shaped by default). Aggregation is verl's ``agg_loss`` with the
     actor's ``global_batch_info``, so every ``loss_agg_mode`` and its global normalisers
@@ -163,7 +163,7 @@ def compute_hapo_outcome_advantage(token_level_rewards: torch.Tensor,
                                    inject: Optional[Union[torch.Tensor, np.ndarray,
                                                           Sequence[bool]]] = None,
                                    **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-    """GRPO outcome advantages with SSI substitution (DESIGN section 6).
+    """GRPO outcome advantages with SSI substitution (docs/design.md section 6).
 
     Same inputs and outputs as verl's ``compute_grpo_outcome_advantage``; groups are the
     responses sharing an ``index`` (uid), in any order, all of one size ``G >= 2``.

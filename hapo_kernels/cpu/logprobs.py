@@ -1,6 +1,6 @@
 """Selective log-softmax on CPU tensors: torch, chunked over rows.
 
-Same math and internal API as ``hapo_kernels.triton.logprobs`` (DESIGN section 3):
+Same math and internal API as ``hapo_kernels.triton.logprobs`` (docs/design.md section 3):
 
     row_stats(logits, target_ids, temperature, ignore_index) -> (logp, entropy, lse, sum_pz)
     grad_logits(logits, target_ids, lse, sum_pz, g_logp, g_ent, temperature, ignore_index,
@@ -109,7 +109,7 @@ def chunk_stats(z: torch.Tensor, owned: bool, y: torch.Tensor, *, for_grad: bool
     """``(lp, p, lse, ent, logp)`` of a float32 ``[c, V]`` chunk (``[c, 1]`` but lp, p).
 
     Kept relative to the row max ``m``: ``d = z - m``, ``s = sum e^d``, ``w = sum e^d d``,
-    ``lse = m + log s``, ``entropy = log s - w / s`` (DESIGN section 3: the sum of
+    ``lse = m + log s``, ``entropy = log s - w / s`` (docs/design.md section 3: the sum of
     ``p * z`` without cancelling two large numbers). ``lp = d - log s`` (log p) and
     ``p = e^d / s`` are returned for the gradient, in the two temporaries. A ``-inf``
     logit (masked vocabulary) adds nothing; a NaN, ``+inf`` or all ``-inf`` row gives NaN.
