@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from hapo_kernels.inputs import check_groups
+from hapo_kernels.inputs import group_offsets_of
 from hapo_kernels.options import choice, number
 
 __all__ = ["ThompsonGate", "regularized_incomplete_beta"]
@@ -118,11 +118,12 @@ class ThompsonGate:
             return self.threshold
         return number("schedule(step)", self.schedule(step))
 
-    def successes(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-        """``S`` per group, float64 ``[P]``."""
-        P = check_groups(rewards, group_size)
-        hit = rewards.detach().reshape(P, group_size) >= self.success_threshold
-        return hit.sum(1).double().cpu()
+    def successes(self, rewards: torch.Tensor, group_size: Optional[int] = None, *,
+                  group_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``S`` per group, float64 ``[P]`` (groups of ``group_size`` or ``group_offsets``)."""
+        offsets = group_offsets_of(rewards, group_size, group_offsets).cpu()
+        hit = (rewards.detach().cpu() >= self.success_threshold).double()
+        return torch.cat([hit.new_zeros(1), hit.cumsum(0)])[offsets].diff()
 
     def _keys(self, prompt_ids, P) -> list:
         if prompt_ids is None:
@@ -140,25 +141,28 @@ class ThompsonGate:
         return x / (x + y)
 
     # ------------------------------------------------------------------ decide
-    def decide(self, rewards: torch.Tensor, group_size: int, *,
+    def decide(self, rewards: torch.Tensor, group_size: Optional[int] = None, *,
+               group_offsets: Optional[torch.Tensor] = None,
                prompt_ids: Optional[Union[torch.Tensor, Sequence[Any]]] = None,
                has_demo: Optional[Union[torch.Tensor, Sequence[bool]]] = None,
                step: Optional[int] = None) -> torch.Tensor:
         """Bool ``[P]`` on the rewards' device: inject a demonstration into group p?
 
-        ``rewards`` is ``[P * group_size]`` with groups contiguous. ``has_demo`` (bool
+        ``rewards`` is ``[P * group_size]`` with groups contiguous, or groups of any sizes
+        ``rewards[o[p]:o[p+1]]`` given ``group_offsets`` ``[P + 1]``. ``has_demo`` (bool
         ``[P]``) vetoes groups with no demonstration. ``step`` picks ``gamma_t``; by
         default the gate counts its own calls.
         """
-        P = check_groups(rewards, group_size)
+        offsets = group_offsets_of(rewards, group_size, group_offsets).cpu()
+        P = offsets.numel() - 1
         if has_demo is not None:            # checked before any state changes
             has_demo = torch.as_tensor(has_demo).bool().cpu()
             if tuple(has_demo.shape) != (P,):
                 raise ValueError(f"has_demo must have shape ({P},), got "
                                  f"{tuple(has_demo.shape)}")
         keys = self._keys(prompt_ids, P) if self.memory == "persistent" else None
-        N = float(group_size)
-        S = self.successes(rewards, group_size)
+        N = offsets.diff().double()
+        S = self.successes(rewards, group_offsets=offsets.to(rewards.device))
         gamma_t = self.gamma(step)
         a0, b0 = self.prior
         succ, fail = S, N - S
@@ -167,7 +171,7 @@ class ThompsonGate:
             for p, key in enumerate(keys):
                 old = self.counts.get(key, (0.0, 0.0))
                 s = self.discount * old[0] + float(S[p])
-                f = self.discount * old[1] + float(N - S[p])
+                f = self.discount * old[1] + float(N[p] - S[p])
                 self.counts[key] = (s, f)
                 succ[p], fail[p] = s, f
         a, b = a0 + succ, b0 + fail

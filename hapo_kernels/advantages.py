@@ -13,19 +13,23 @@ import torch
 
 from . import distributed
 from .backends import backend_for
-from .inputs import check_groups
+from .inputs import group_offsets_of
 from .options import AdvantageOptions, split_options
 from .packed import check_cu_seqlens
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int,
+def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
                      inject: Optional[torch.Tensor] = None, *,
+                     group_offsets: Optional[torch.Tensor] = None,
                      options: Optional[AdvantageOptions] = None, process_group: Any = None,
                      cu_seqlens: Optional[torch.Tensor] = None,
                      **option_values: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     """Advantages ``[P*G]`` (float32) and the replaced member per group (int64, -1: none).
 
-    ``rewards`` is ``[P*G]`` with the G rollouts of prompt p at ``p*G .. p*G+G-1``;
+    ``rewards`` is ``[P*G]`` with the G rollouts of prompt p at ``p*G .. p*G+G-1``; or,
+    with ``group_offsets`` ``[P + 1]`` instead of ``group_size`` (verl's uneven groups),
+    group p is ``rewards[o[p]:o[p+1]]``, of any size >= 1 (a group of one rollout has mean 0
+    and std 1, as in verl's GRPO: its advantage is its reward over ``1 + eps``);
     ``inject`` ``[P]`` bool marks the groups whose worst member (lowest reward, first index on
     ties) is replaced by a teacher demonstration with reward ``teacher_reward``. Options
     (``AdvantageOptions``, as keywords or ``options=``): ``scale`` ``"group"``
@@ -36,7 +40,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int,
     ``process_group`` (data-parallel): ``rewards`` is this rank's contiguous slice of the
     global batch in rank order (groups may span ranks); the rewards are all-gathered,
     ``inject`` is ``[P]`` for the whole batch (the group's first rank's is used), and the
-    result is this rank's slice of the advantages with every group's replaced index.
+    result is this rank's slice of the advantages with every group's replaced index
+    (``group_offsets`` then index the gathered batch).
     ``cu_seqlens``: accepted for symmetry with the loss on packed input; rewards are one
     per sequence, so it only checks that ``rewards`` has ``len(cu_seqlens) - 1`` entries.
     """
@@ -59,10 +64,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int,
         rewards, start = distributed.gather_rewards(rewards, process_group)
         if inject is not None:
             inject = distributed.broadcast_decisions(inject, process_group)
-    check_groups(rewards, group_size, inject)
+    offsets = group_offsets_of(rewards, group_size, group_offsets, inject)
     if inject is not None and inject.dtype != torch.bool:
         raise ValueError(f"inject must be a bool tensor, got {inject.dtype}")
-    adv, replaced = backend_for(rewards).group_advantages(rewards, group_size, inject, options)
+    adv, replaced = backend_for(rewards).group_advantages(rewards, offsets, inject, options)
     if n_local is not None:
         adv = adv[start:start + n_local]
     return adv, replaced

@@ -32,7 +32,8 @@ class Backend(Protocol):
     ``out`` when given. ``grad_logits``: ``((onehot - p) g_logp - p (z - sum_pz) g_ent) / T``
     into ``out`` (which may be the logits). ``token_loss``: the fused token-level loss,
     results into ``out`` and, when ``grad`` is given, ``dL/dlogits`` into it.
-    ``group_advantages``: float32 ``[P*G]`` advantages and int64 ``[P]`` replaced members.
+    ``group_advantages``: float32 ``[N]`` advantages and int64 ``[P]`` replaced members of
+    the groups ``rewards[offsets[p]:offsets[p+1]]``.
     """
 
     def row_stats(self, logits: torch.Tensor, target_ids: torch.Tensor, temperature: float,
@@ -47,7 +48,7 @@ class Backend(Protocol):
     def token_loss(self, logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
                    out: TokenResults, grad: Optional[torch.Tensor]) -> None: ...
 
-    def group_advantages(self, rewards: torch.Tensor, group_size: int,
+    def group_advantages(self, rewards: torch.Tensor, offsets: torch.Tensor,
                          inject: Optional[torch.Tensor],
                          opts: AdvantageOptions) -> Tuple[torch.Tensor, torch.Tensor]: ...
 

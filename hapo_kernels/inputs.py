@@ -75,13 +75,17 @@ def check_logits_and_targets(logits: Any, target_ids: Any, ignore_index: int = I
     return target_ids.numel()
 
 
-def check_groups(rewards: Any, group_size: Any, inject: Any = None) -> int:
-    """Validate group inputs (docs/design.md section 6); return the number of groups P."""
+def _check_rewards(rewards: Any) -> None:
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         raise ValueError("rewards must be a 1-D tensor [P*G], got "
                          f"{getattr(rewards, 'shape', type(rewards).__name__)}")
     if rewards.dtype.is_complex or rewards.dtype == torch.bool:
         raise ValueError(f"rewards must be real numbers, got {rewards.dtype}")
+
+
+def check_groups(rewards: Any, group_size: Any, inject: Any = None) -> int:
+    """Validate group inputs (docs/design.md section 6); return the number of groups P."""
+    _check_rewards(rewards)
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise ValueError(f"group_size must be an int, got {group_size!r}")
     if group_size < 2:
@@ -98,6 +102,54 @@ def check_groups(rewards: Any, group_size: Any, inject: Any = None) -> int:
         if inject.device != rewards.device:
             raise ValueError(f"inject is on {inject.device} but rewards on {rewards.device}")
     return P
+
+
+def group_offsets_of(rewards: Any, group_size: Any = None, group_offsets: Any = None,
+                     inject: Any = None) -> torch.Tensor:
+    """The groups of ``rewards`` as int64 offsets ``[P + 1]`` on the rewards' device.
+
+    Exactly one of ``group_size`` (every group has G >= 2 members, contiguous; checked by
+    ``check_groups``) and ``group_offsets`` (group p is ``rewards[o[p]:o[p+1]]``: a 1-D
+    integer tensor or sequence with ``o[0] = 0``, ``o[-1] = len(rewards)`` and every group
+    non-empty; groups may differ in size and may have one member) describes them.
+    """
+    if (group_size is None) == (group_offsets is None):
+        raise ValueError("pass exactly one of group_size (equal groups) and group_offsets "
+                         "(group p is rewards[o[p]:o[p+1]])")
+    if group_offsets is None:
+        P = check_groups(rewards, group_size, inject)
+        return torch.arange(P + 1, dtype=torch.int64, device=rewards.device) * group_size
+    _check_rewards(rewards)
+    offsets = group_offsets
+    if not isinstance(offsets, torch.Tensor):
+        try:
+            offsets = torch.as_tensor(offsets)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"group_offsets must be a 1-D integer tensor [P + 1], got "
+                             f"{type(group_offsets).__name__}") from None
+        offsets = offsets.to(rewards.device)
+    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype.is_floating_point \
+            or offsets.dtype.is_complex or offsets.dtype == torch.bool:
+        raise ValueError(f"group_offsets must be a 1-D integer tensor [P + 1], got "
+                         f"{offsets.dtype} of shape {tuple(offsets.shape)}")
+    if offsets.device != rewards.device:
+        raise ValueError(f"group_offsets is on {offsets.device} but rewards on {rewards.device}")
+    offsets = offsets.to(torch.int64)
+    first, last = (int(v) for v in offsets[[0, -1]].tolist())
+    if first != 0 or last != rewards.numel():
+        raise ValueError(f"group_offsets must run from 0 to len(rewards) = {rewards.numel()}, "
+                         f"got {first} .. {last}")
+    if offsets.numel() > 1 and bool((offsets[1:] <= offsets[:-1]).any()):
+        raise ValueError("group_offsets must be strictly increasing (every group holds at "
+                         "least one reward)")
+    P = offsets.numel() - 1
+    if inject is not None:
+        if not isinstance(inject, torch.Tensor) or tuple(inject.shape) != (P,):
+            raise ValueError(f"inject must be a bool tensor of shape ({P},), got "
+                             f"{getattr(inject, 'shape', type(inject).__name__)}")
+        if inject.device != rewards.device:
+            raise ValueError(f"inject is on {inject.device} but rewards on {rewards.device}")
+    return offsets
 
 
 def _per_token_tensor(name: str, tensor: Any, batch_shape: tuple, device: torch.device,
@@ -253,4 +305,4 @@ def add_teachers(inputs: LossInputs, hit: torch.Tensor) -> None:
 
 
 __all__ = ["LossInputs", "loss_inputs", "add_teachers", "check_logits_and_targets",
-           "check_target_ids", "check_groups", "packed_segments"]
+           "check_target_ids", "check_groups", "group_offsets_of", "packed_segments"]

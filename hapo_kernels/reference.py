@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from .aggregation import token_normalizer
-from .inputs import check_groups, check_logits_and_targets, loss_inputs
+from .inputs import check_logits_and_targets, group_offsets_of, loss_inputs
 from .objective import token_objective
 from .options import (
     IGNORE_INDEX,
@@ -60,13 +60,25 @@ def aggregate(per_token_loss: torch.Tensor, valid: torch.Tensor,
     B, T = per_token_loss.shape
     agg = opts.aggregation_mode
     if agg == "token-mean":
-        return ml.sum() / token_normalizer(valid, opts).to(ml.dtype)
-    if agg == "seq-mean-token-mean":
-        return (ml.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    if agg == "seq-mean-token-sum":
-        return ml.sum(-1).mean()
-    max_len = opts.max_len if opts.max_len is not None else T
-    return ml.sum() / (B * max_len)
+        loss = ml.sum() / token_normalizer(valid, opts).to(ml.dtype)
+    elif agg == "token-sum":
+        loss = ml.sum()
+    else:
+        n_tok = m.sum(-1)
+        # verl's names leave fully masked sequences out; TRL's aliases count them as 0.
+        counted = n_tok > 0 if opts.aggregation == agg else torch.ones_like(n_tok, dtype=bool)
+        if opts.num_sequences is not None:
+            n_seq = torch.tensor(opts.num_sequences, dtype=ml.dtype)
+        else:
+            n_seq = counted.sum().clamp(min=1).to(ml.dtype)
+        if agg == "seq-mean-token-mean":
+            seq = ml.sum(-1) / n_tok.clamp(min=1.0)
+        else:
+            seq = ml.sum(-1)
+        loss = seq[counted].sum() / n_seq
+        if agg == "seq-mean-token-sum-norm":
+            loss = loss / (opts.max_len if opts.max_len is not None else T)
+    return loss * opts.dp_size
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -120,39 +132,45 @@ def hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor, advantages: torch.
 
 
 # --------------------------------------------------------------------------- section 6
-def group_advantages(rewards: torch.Tensor, group_size: int,
+def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
                      inject: Optional[torch.Tensor] = None,
-                     options: Optional[AdvantageOptions] = None,
+                     options: Optional[AdvantageOptions] = None, *,
+                     group_offsets: Optional[torch.Tensor] = None,
                      **option_values: Any) -> tuple:
-    """float64 advantages ``[P*G]`` and the replaced index per group (-1: none), one group
-    at a time, exactly as section 6 reads."""
-    P = check_groups(rewards, group_size, inject)
+    """float64 advantages ``[N]`` and the replaced index per group (-1: none), one group
+    at a time, exactly as section 6 reads (groups of ``group_size`` or ``group_offsets``)."""
+    offsets = group_offsets_of(rewards, group_size, group_offsets, inject).tolist()
     opts = AdvantageOptions.from_kwargs(options, **option_values)
-    G = group_size
-    r = rewards.double().reshape(P, G).clone()
+    P = len(offsets) - 1
+    groups = [rewards[offsets[p]:offsets[p + 1]].double().clone() for p in range(P)]
     replaced = torch.full((P,), -1, dtype=torch.long, device=rewards.device)
-    counted = torch.ones(P, G, dtype=torch.bool, device=rewards.device)
+    counted = [torch.ones(len(g), dtype=torch.bool, device=rewards.device) for g in groups]
     for p in range(P):
         if inject is not None and bool(inject[p]):
-            k = int(torch.argmin(r[p]))                  # the lowest reward, first on ties
-            r[p, k] = float(opts.teacher_reward)
+            k = int(torch.argmin(groups[p]))             # the lowest reward, first on ties
+            groups[p][k] = float(opts.teacher_reward)
             replaced[p] = k
             if opts.stats == "on-policy":
-                counted[p, k] = False
-    adv = torch.zeros_like(r)
+                counted[p][k] = False
     batch_std = None
     if opts.scale == "batch":
-        batch_std = _std(r[counted])
+        batch_std = _std(torch.cat([g[c] for g, c in zip(groups, counted)]) if P else
+                         torch.zeros(0, dtype=torch.float64))
+    adv = []
     for p in range(P):
-        members = r[p][counted[p]]
-        mean = members.mean() if members.numel() else torch.zeros((), dtype=r.dtype)
+        r, members = groups[p], groups[p][counted[p]]
+        single = r.numel() == 1                          # verl: mean 0, std 1
+        zero = torch.zeros((), dtype=r.dtype)
+        mean = zero if single or not members.numel() else members.mean()
         if opts.scale == "none":
-            adv[p] = r[p] - mean
+            adv.append(r - mean)
             continue
-        denom = (_std(members) if opts.scale == "group" else batch_std) + opts.eps
+        std = batch_std if opts.scale == "batch" else (zero + 1 if single else _std(members))
+        denom = std + opts.eps
         # eps = 0 with a constant group would be 0/0: no signal, A = 0.
-        adv[p] = (r[p] - mean) / denom if denom > 0 else torch.zeros_like(r[p])
-    return adv.reshape(-1), replaced
+        adv.append((r - mean) / denom if denom > 0 else torch.zeros_like(r))
+    out = torch.cat(adv) if adv else torch.zeros(0, dtype=torch.float64)
+    return out, replaced
 
 
 def _std(x: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,77 @@ def test_bad_input(backend, kwargs, name):
         hk.group_advantages(**args)
 
 
+# --------------------------------------------------------------------------- uneven groups
+def uneven_offsets(sizes):
+    return torch.tensor([0] + list(itertools.accumulate(sizes)), dtype=torch.int64)
+
+
+@pytest.mark.parametrize("scale,stats", list(itertools.product(["group", "batch", "none"],
+                                                               ["all", "on-policy"])))
+def test_uneven_groups_match_reference(backend, scale, stats):
+    """Groups of 1 to 19 members (singletons included) at odd sizes, with ties and SSI."""
+    sizes = [3, 1, 7, 2, 19, 1, 5, 4]
+    offsets = uneven_offsets(sizes)
+    g = torch.Generator().manual_seed(7)
+    rewards = torch.randn(int(offsets[-1]), generator=g)
+    rewards[offsets[2]:offsets[3]] = (torch.rand(7, generator=g) > 0.5).float()   # ties
+    rewards[offsets[6]:offsets[7]] = 0.25                                        # constant
+    inject = torch.tensor([True, True, False, True, True, False, True, False])
+    for inj, teacher_reward, eps in ((None, 1.0, 1e-4), (inject, 2.5, 1e-4), (inject, 1.0, 0.0)):
+        adv, replaced = hk.group_advantages(rewards, group_offsets=offsets, inject=inj,
+                                            teacher_reward=teacher_reward, scale=scale,
+                                            stats=stats, eps=eps)
+        ref, ref_replaced = R.group_advantages(rewards, group_offsets=offsets, inject=inj,
+                                               teacher_reward=teacher_reward, scale=scale,
+                                               stats=stats, eps=eps)
+        assert adv.dtype == torch.float32 and adv.shape == rewards.shape
+        assert torch.isfinite(adv).all()
+        assert torch.equal(replaced, ref_replaced)
+        torch.testing.assert_close(adv.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_single_response_groups_follow_verl(backend):
+    """verl's GRPO rule: a group of one has mean 0 and std 1, so A = r / (1 + eps)."""
+    rewards = torch.tensor([1.0, 0.0, 2.0, 3.0, -0.5])
+    adv, replaced = hk.group_advantages(rewards, group_offsets=torch.arange(6), eps=1e-6)
+    torch.testing.assert_close(adv, rewards / (1 + 1e-6))
+    assert replaced.tolist() == [-1] * 5
+    adv, _ = hk.group_advantages(rewards, group_offsets=torch.arange(6), scale="none")
+    torch.testing.assert_close(adv, rewards)
+    # an injected singleton is the teacher alone: its reward over 1 + eps
+    adv, replaced = hk.group_advantages(rewards[:1], group_offsets=torch.tensor([0, 1]),
+                                        inject=torch.tensor([True]), teacher_reward=1.5)
+    assert replaced.tolist() == [0] and adv.item() == pytest.approx(1.5 / (1 + 1e-4))
+
+
+def test_offsets_equal_fixed_group_size(backend):
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.randn(5 * 6, generator=g)
+    inject = torch.tensor([True, False, True, True, False])
+    fixed = hk.group_advantages(rewards, 6, inject=inject)
+    offs = hk.group_advantages(rewards, group_offsets=torch.arange(0, 31, 6), inject=inject)
+    assert torch.equal(fixed[1], offs[1])
+    torch.testing.assert_close(fixed[0], offs[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(group_size=2), "exactly one of group_size"),
+    (dict(group_offsets=None), "exactly one of group_size"),
+    (dict(group_offsets=torch.tensor([0.0, 3.0, 6.0])), "group_offsets"),
+    (dict(group_offsets=torch.tensor([[0, 3, 6]])), "group_offsets"),
+    (dict(group_offsets=torch.tensor([1, 3, 6])), "group_offsets"),
+    (dict(group_offsets=torch.tensor([0, 3, 5])), "group_offsets"),
+    (dict(group_offsets=torch.tensor([0, 3, 3, 6])), "strictly increasing"),
+    (dict(group_offsets=[0, 4, 2, 6]), "strictly increasing"),
+    (dict(inject=torch.tensor([True])), "inject"),
+])
+def test_bad_offsets(backend, kwargs, name):
+    args = dict(rewards=torch.zeros(6), group_offsets=torch.tensor([0, 2, 6]))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        hk.group_advantages(**args)
+
+
 # --------------------------------------------------------------------------- on CUDA
 # The compiled kernels at realistic sizes, against float64 on the same device: run where a
 # GPU is present (bench/gpu_check.sh), skipped elsewhere.
@@ -117,5 +188,19 @@ def test_cuda_group_advantages(scale, stats, G):
     inject = torch.rand(P, generator=g, device=CUDA) > 0.5
     adv, replaced = hk.group_advantages(rewards, G, inject=inject, scale=scale, stats=stats)
     ref, ref_replaced = R.group_advantages(rewards, G, inject=inject, scale=scale, stats=stats)
+    assert torch.equal(replaced, ref_replaced)
+    torch.testing.assert_close(adv.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_uneven_groups():
+    g = torch.Generator(device=CUDA).manual_seed(5)
+    sizes = torch.randint(1, 40, (3000,), generator=g, device=CUDA)
+    offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+    rewards = (torch.rand(int(offsets[-1]), generator=g, device=CUDA) > 0.6).float()
+    inject = torch.rand(3000, generator=g, device=CUDA) > 0.5
+    adv, replaced = hk.group_advantages(rewards, group_offsets=offsets, inject=inject)
+    ref, ref_replaced = R.group_advantages(rewards, group_offsets=offsets, inject=inject)
     assert torch.equal(replaced, ref_replaced)
     torch.testing.assert_close(adv.double(), ref, rtol=1e-5, atol=1e-5)

@@ -90,8 +90,9 @@ def test_hapo_loss_kernel(variant, x):
                                                     (True, 1, 0)])
 def test_group_advantages_kernel(has_inject, scale, stats):
     compile_for_sm90(advantages.group_advantages_kernel,
-                     dict(r_ptr="*fp32", inject_ptr="*i8" if has_inject else None,
+                     dict(r_ptr="*fp32", offsets_ptr="*i64",
+                          inject_ptr="*i8" if has_inject else None,
                           adv_ptr="*fp32", r_sub_ptr="*fp32", member_ptr="*i8",
                           replaced_ptr="*i64", batch_std_ptr="*fp32" if scale == 1 else None,
-                          G="i32", teacher_reward="fp32", eps="fp32"),
+                          teacher_reward="fp32", eps="fp32"),
                      dict(HAS_INJECT=has_inject, SCALE=scale, STATS=stats, BLOCK_G=16))

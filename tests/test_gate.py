@@ -187,3 +187,19 @@ def test_bad_groups_raise():
         gate.decide(torch.zeros(10), 4)
     with pytest.raises(ValueError, match="success_rate"):
         gate.injection_probability(1.5, 8)
+
+
+def test_uneven_groups_decide_like_each_group_alone():
+    """group_offsets: each group's posterior uses its own N (verl's uneven groups)."""
+    rewards = torch.tensor([1.0, 0.0, 0.0,   1.0,   0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    offsets = torch.tensor([0, 3, 4, 11])
+    gate = ThompsonGate(threshold=0.5)
+    inject = gate.decide(rewards, group_offsets=offsets)
+    # posterior means (1 + S) / (2 + N): 2/5, 2/3, 5/9
+    assert inject.tolist() == [True, False, False]
+    assert gate.successes(rewards, group_offsets=offsets).tolist() == [1.0, 1.0, 4.0]
+    alone = [ThompsonGate(threshold=0.5).decide(rewards[a:b], group_offsets=torch.tensor(
+        [0, b - a]))[0].item() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    assert alone == inject.tolist()
+    with pytest.raises(ValueError, match="exactly one of group_size"):
+        gate.decide(rewards, 11, group_offsets=offsets)

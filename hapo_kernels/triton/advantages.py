@@ -1,11 +1,13 @@
 """Group advantages with SSI substitution: a Triton kernel (docs/design.md section 6).
 
-One program per group; the group's G rewards sit in one block (G padded to a power of two).
-The program substitutes the worst member of an injected group (first index on ties) by
+One program per group; group p is ``rewards[offsets[p]:offsets[p+1]]`` (any sizes) and its
+rewards sit in one block (the largest group padded to a power of two). The program
+substitutes the worst member of an injected group (first index on ties) by
 ``teacher_reward``, computes the group mean and Bessel std over the counted members
-(``stats``), and writes the advantages and the replaced index. ``scale="batch"`` needs one
-std over the whole batch: a first launch writes the substituted rewards, torch reduces them,
-and a second launch divides by that std.
+(``stats``; a group of one rollout has mean 0 and std 1, verl's GRPO rule), and writes the
+advantages and the replaced index. ``scale="batch"`` needs one std over the whole batch: a
+first launch writes the substituted rewards, torch reduces them, and a second launch
+divides by that std.
 """
 from __future__ import annotations
 
@@ -20,14 +22,17 @@ from ..options import SCALE_CODE, STATS_CODE, AdvantageOptions
 
 @triton.heuristics({"HAS_INJECT": lambda args: args["inject_ptr"] is not None})
 @triton.jit
-def group_advantages_kernel(r_ptr, inject_ptr, adv_ptr, r_sub_ptr, member_ptr, replaced_ptr,
-                             batch_std_ptr, G, teacher_reward, eps,
+def group_advantages_kernel(r_ptr, offsets_ptr, inject_ptr, adv_ptr, r_sub_ptr, member_ptr,
+                             replaced_ptr, batch_std_ptr, teacher_reward, eps,
                              HAS_INJECT: tl.constexpr, SCALE: tl.constexpr,
                              STATS: tl.constexpr, BLOCK_G: tl.constexpr):
     group = tl.program_id(0).to(tl.int64)
+    start = tl.load(offsets_ptr + group)
+    G = tl.load(offsets_ptr + group + 1) - start
+    single = G == 1
     cols = tl.arange(0, BLOCK_G)
     in_group = cols < G
-    offs = group * G + cols
+    offs = start + cols
     r = tl.load(r_ptr + offs, mask=in_group, other=0.0).to(tl.float32)
 
     # SSI: the lowest reward (first index on ties) becomes the teacher demonstration.
@@ -47,7 +52,7 @@ def group_advantages_kernel(r_ptr, inject_ptr, adv_ptr, r_sub_ptr, member_ptr, r
         member = in_group & (~teacher)
     wm = member.to(tl.float32)
     n = tl.sum(wm, axis=0)
-    mean = tl.sum(wm * r, axis=0) / tl.maximum(n, 1.0)
+    mean = tl.where(single, 0.0, tl.sum(wm * r, axis=0) / tl.maximum(n, 1.0))
     centred = r - mean
     if SCALE == 2:                                  # "none" (Dr. GRPO)
         adv = centred
@@ -55,6 +60,7 @@ def group_advantages_kernel(r_ptr, inject_ptr, adv_ptr, r_sub_ptr, member_ptr, r
         if SCALE == 0:                              # "group": Bessel std of this group
             var = tl.sum(wm * centred * centred, axis=0) / tl.maximum(n - 1.0, 1.0)
             std = tl.where(n >= 2, tl.sqrt(var), 0.0)
+            std = tl.where(single, 1.0, std)
         else:                                       # "batch": reduced by the caller
             std = tl.load(batch_std_ptr)
         denom = std + eps
@@ -74,25 +80,28 @@ def _batch_std(r_sub: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     return torch.where(n >= 2, var.sqrt(), torch.zeros_like(var)).reshape(1)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, inject: Optional[torch.Tensor],
+def group_advantages(rewards: torch.Tensor, offsets: torch.Tensor, inject: Optional[torch.Tensor],
                      opts: AdvantageOptions) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float32 advantages ``[P*G]`` and int64 replaced indices ``[P]`` (validated inputs)."""
+    """float32 advantages ``[N]`` and int64 replaced indices ``[P]`` (validated inputs;
+    group p is ``rewards[offsets[p]:offsets[p+1]]``)."""
     device = rewards.device
-    G = group_size
-    P = rewards.numel() // G
-    adv = torch.empty(P * G, dtype=torch.float32, device=device)
+    P = offsets.numel() - 1
+    N = rewards.numel()
+    adv = torch.empty(N, dtype=torch.float32, device=device)
     replaced = torch.empty(P, dtype=torch.int64, device=device)
     if P == 0:
         return adv, replaced
     r = rewards.reshape(-1).to(torch.float32).contiguous()
+    offs = offsets.to(torch.int64).contiguous()
     r_sub = torch.empty_like(adv)
-    member = torch.empty(P * G, dtype=torch.int8, device=device)
+    member = torch.empty(N, dtype=torch.int8, device=device)
     inj = None if inject is None else inject.reshape(-1).to(torch.int8).contiguous()
-    block = max(16, triton.next_power_of_2(G))
+    # Every group in one block: the largest one sets the block (one host read of the sizes).
+    block = max(16, triton.next_power_of_2(int((offs[1:] - offs[:-1]).max())))
 
     def launch(scale_code, batch_std):
         group_advantages_kernel[(P,)](
-            r, inj, adv, r_sub, member, replaced, batch_std, G, float(opts.teacher_reward),
+            r, offs, inj, adv, r_sub, member, replaced, batch_std, float(opts.teacher_reward),
             float(opts.eps), SCALE=scale_code, STATS=STATS_CODE[opts.stats], BLOCK_G=block)
 
     if opts.scale == "batch":
