@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 import hapo_kernels as hk
+from hapo_kernels.aggregation import sequence_count
 
 from .config import HAPOConfig
 from .lm_head import last_hidden_states, output_head
@@ -221,11 +222,13 @@ class HAPOTrainer:
     def _optimize(self, input_ids, targets, mask, advantages, old_logp, ref_logp, teacher,
                   prompt_len, chunks):
         cfg = self.config
-        n = input_ids.shape[0]
-        # Micro-batch losses must add up to the full-batch loss: token-mean uses the whole
-        # batch's token count as normalizer; the per-sequence means are re-weighted.
-        token_mean = cfg.loss.aggregation_mode == "token-mean"
+        # Micro-batch losses must add up to the full-batch loss: each takes the whole
+        # batch's token count (token-mean) or sequence count (seq-mean-*) as normalizer.
+        agg = cfg.loss.aggregation_mode
+        token_mean = agg == "token-mean"
         normalizer = float(mask.sum().clamp(min=1)) if token_mean else None
+        num_sequences = (float(sequence_count(mask.bool(), cfg.loss))
+                         if agg.startswith("seq-mean") else None)
         max_len = targets.shape[1]
         sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0, "kl": 0.0,
                 "ratio": 0.0, "grad_norm": 0.0}
@@ -239,6 +242,7 @@ class HAPOTrainer:
                                 old_logp=None if old_logp is None else old_logp[rows],
                                 ref_logp=None if ref_logp is None else ref_logp[rows],
                                 teacher_mask=teacher[rows], normalizer=normalizer,
+                                num_sequences=num_sequences,
                                 max_len=None if token_mean else max_len)
                 if cfg.fused_linear:
                     hidden, weight, bias = self._completion_hidden(
@@ -250,9 +254,8 @@ class HAPOTrainer:
                 else:
                     logits = self._completion_logits(self.policy, input_ids[rows], prompt_len)
                     out = self.loss_fn(logits, targets[rows], advantages[rows], **per_rows)
-                weight = 1.0 if token_mean else (rows.stop - rows.start) / n
-                (out.loss * weight).backward()
-                total += float(out.loss.detach()) * weight
+                out.loss.backward()
+                total += float(out.loss.detach())
                 k = float(mask[rows].sum())
                 tokens_seen += k
                 for name in ("clip_low", "clip_high", "entropy", "ratio"):

@@ -1,9 +1,12 @@
 """Aggregation (docs/design.md section 5) as per-token weights, shared by the fast paths.
 
-Every aggregation mode is a weighted sum ``loss = sum_it w_it * l_it`` whose weights depend
-only on the mask, so the fast paths compute them once before the launch; the backward then
-only scales by ``grad_output``. The float64 reference implements the modes literally and the
-tests hold the two against each other.
+verl's names follow verl's ``agg_loss`` (fully masked sequences left out of the sequence
+means, ``dp_size`` and the global counts ``normalizer`` / ``num_sequences`` / ``max_len``);
+TRL's aliases follow TRL (every row counted). Every aggregation mode is a weighted sum
+``loss = sum_it w_it * l_it`` whose weights depend only on the mask, so the fast paths
+compute them once before the launch; the backward then only scales by ``grad_output``.
+The float64 reference implements the modes literally and the tests hold the two against
+each other.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .options import LossOptions
+from .options import AGGREGATION_ALIASES, LossOptions
 
 
 def token_normalizer(valid: torch.Tensor, opts: LossOptions, group: Any = None) -> torch.Tensor:
@@ -35,6 +38,25 @@ def token_normalizer(valid: torch.Tensor, opts: LossOptions, group: Any = None) 
     return count.clamp(min=1.0)
 
 
+def sequence_count(valid: torch.Tensor, opts: LossOptions, segments: Any = None) -> torch.Tensor:
+    """B of the ``seq-mean-*`` modes: ``num_sequences`` if given, else the sequences that
+    hold a valid token (verl's ``agg_loss`` leaves fully masked ones out), or every
+    sequence under TRL's aliases (``grpo``, ``dr_grpo``: a fully masked row counts as 0).
+    float64 scalar; at least 1."""
+    if opts.num_sequences is not None:
+        return torch.tensor(opts.num_sequences, dtype=torch.float64, device=valid.device)
+    if segments is None:
+        n_seq = valid.shape[0]
+        nonempty = valid.reshape(n_seq, -1).any(-1).sum(dtype=torch.float64) if n_seq else None
+    else:
+        n_seq = segments.count
+        nonempty = (segments.sum(valid.reshape(-1).to(torch.float64)) > 0).sum(
+            dtype=torch.float64) if n_seq else None
+    if opts.aggregation in AGGREGATION_ALIASES or nonempty is None:
+        return torch.tensor(float(max(n_seq, 1)), dtype=torch.float64, device=valid.device)
+    return nonempty.clamp(min=1.0)
+
+
 def aggregation_weights(valid: torch.Tensor, opts: LossOptions, segments: Any = None,
                         group: Any = None) -> torch.Tensor:
     """float32 weights with ``loss = sum(w * l)``; zero on invalid tokens.
@@ -42,25 +64,29 @@ def aggregation_weights(valid: torch.Tensor, opts: LossOptions, segments: Any = 
     ``valid`` is ``[B, T]`` (sequences are rows, the padded width is T), or packed ``[N]``
     with ``segments`` (a ``packed.Segments``: sequences are its segments, the padded width
     its longest one), which gives the same weights as the padded batch. ``group``: see
-    ``token_normalizer``.
+    ``token_normalizer``. Every weight is multiplied by ``opts.dp_size``.
     """
     if segments is None:
         m = valid.to(torch.float64)
         seq_tokens = m.sum(-1, keepdim=True)          # each token's sequence length
-        n_seq, width = valid.shape
+        width = valid.shape[-1]
     else:
         m = valid.reshape(-1).to(torch.float64)
         seq_tokens = segments.broadcast(segments.sum(m))
-        n_seq, width = segments.count, segments.max_len
+        width = segments.max_len
     agg = opts.aggregation_mode
     if agg == "token-mean":
         w = m / token_normalizer(valid, opts, group)
-    elif agg == "seq-mean-token-mean":
-        w = m / (seq_tokens.clamp(min=1.0) * n_seq)
-    elif agg == "seq-mean-token-sum":
-        w = m / n_seq
-    elif agg == "seq-mean-token-sum-norm":
-        w = m / (n_seq * (opts.max_len if opts.max_len is not None else width))
-    else:  # LossOptions has already rejected anything else
-        raise ValueError(f"aggregation={agg!r} is not known")
-    return w.to(torch.float32)
+    elif agg == "token-sum":
+        w = m
+    else:
+        n_seq = sequence_count(valid, opts, segments)
+        if agg == "seq-mean-token-mean":
+            w = m / (seq_tokens.clamp(min=1.0) * n_seq)
+        elif agg == "seq-mean-token-sum":
+            w = m / n_seq
+        elif agg == "seq-mean-token-sum-norm":
+            w = m / (n_seq * (opts.max_len if opts.max_len is not None else width))
+        else:  # LossOptions has already rejected anything else
+            raise ValueError(f"aggregation={agg!r} is not known")
+    return (w * opts.dp_size).to(torch.float32)

@@ -27,9 +27,11 @@ TEACHER_GAMMA = 0.1          # f(p) = p / (p + gamma) for the shaped teacher obj
 ADVANTAGE_EPS = 1e-4         # A = (r - mean) / (std + eps)
 TEACHER_REWARD = 1.0
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
                 "seq-mean-token-sum-norm")
 # TRL's loss_type names. "dapo" is token-mean with the global token count as normalizer.
+# TRL's sequence means count every row, a fully masked one as 0; verl's names leave fully
+# masked rows out of the mean (``aggregation.sequence_count``).
 AGGREGATION_ALIASES = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm",
                        "bnpo": "token-mean", "dapo": "token-mean"}
 IMPORTANCE_SAMPLING = ("token", "sequence")
@@ -170,8 +172,17 @@ class LossOptions(_Options):
         teacher_gamma: ``f(p) = p / (p + gamma)`` of the shaped teacher objective.
         sft_weight: ``w`` of the ``"sft"`` teacher objective ``-w log p``.
         aggregation: a verl ``loss_agg_mode`` or a TRL ``loss_type`` alias.
-        normalizer: the token count of ``token-mean`` (default: the batch's).
-        max_len: the width of ``seq-mean-token-sum-norm`` (default: T).
+        normalizer: the token count of ``token-mean`` (default: the batch's); verl's
+            ``batch_num_tokens``.
+        max_len: the width of ``seq-mean-token-sum-norm`` (default: T); verl's
+            ``loss_scale_factor``.
+        num_sequences: the sequence count of the ``seq-mean-*`` modes (default: the batch's
+            rows that hold a valid token; every row under TRL's aliases); verl's
+            ``global_batch_size``.
+        dp_size: the loss is multiplied by it (verl's ``dp_size``: data-parallel ranks
+            average their gradients, so each rank's share of a global sum is scaled up).
+            Above 1 it needs the global ``normalizer`` (``token-mean``) or ``num_sequences``
+            (``seq-mean-*``), as verl's ``agg_loss`` does.
     """
     temperature: float = 1.0
     objective: str = "clip"
@@ -187,6 +198,8 @@ class LossOptions(_Options):
     aggregation: str = "token-mean"
     normalizer: Optional[float] = None
     max_len: Optional[int] = None
+    num_sequences: Optional[float] = None
+    dp_size: int = 1
 
     def __post_init__(self) -> None:
         checked = dict(
@@ -207,8 +220,18 @@ class LossOptions(_Options):
             normalizer=number("normalizer", self.normalizer, low=0.0, low_open=True,
                               allow_none=True),
             max_len=positive_int("max_len", self.max_len, allow_none=True),
+            num_sequences=number("num_sequences", self.num_sequences, low=0.0, low_open=True,
+                                 allow_none=True),
+            dp_size=positive_int("dp_size", self.dp_size),
         )
-        resolve_aggregation(self.aggregation)
+        agg = resolve_aggregation(self.aggregation)
+        if checked["dp_size"] > 1:
+            if agg == "token-mean" and checked["normalizer"] is None:
+                raise ValueError("dp_size > 1 needs normalizer (the global token count, "
+                                 "verl's batch_num_tokens) for token-mean")
+            if agg.startswith("seq-mean") and checked["num_sequences"] is None:
+                raise ValueError("dp_size > 1 needs num_sequences (the global sequence count, "
+                                 "verl's global_batch_size) for the seq-mean modes")
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 

@@ -18,6 +18,9 @@ AGGREGATIONS = [  # (aggregation, extra options): every mode and alias
     ("token-mean", {}), ("seq-mean-token-mean", {}), ("seq-mean-token-sum", {}),
     ("seq-mean-token-sum-norm", {}), ("grpo", {}), ("dr_grpo", {}), ("bnpo", {}),
     ("dapo", {}), ("token-mean", {"normalizer": 7.5}), ("dr_grpo", {"max_len": 9}),
+    ("token-sum", {}), ("seq-mean-token-mean", {"num_sequences": 5.0, "dp_size": 2}),
+    ("token-mean", {"normalizer": 11.0, "dp_size": 4}),
+    ("seq-mean-token-sum-norm", {"num_sequences": 7.0, "max_len": 13, "dp_size": 3}),
 ]
 OPTION_VALUES = {
     "objective": list(hk.OBJECTIVES),          # every entry of the objective table
@@ -166,7 +169,7 @@ def assert_close_to_reference(out, grad, ref, ref_grad, dtype=torch.float32, ups
 
 def split(cfg):
     opts = {k: v for k, v in cfg.items() if k in OPTION_VALUES or k in
-            ("aggregation", "normalizer", "max_len")}
+            ("aggregation", "normalizer", "max_len", "num_sequences", "dp_size")}
     inputs = {k: v for k, v in cfg.items() if k in INPUT_VALUES and k != "shape"}
     return opts, inputs
 
@@ -238,6 +241,43 @@ def test_every_output_written(backend, importance_sampling, poisoned_buffers):
         assert torch.isfinite(t).all()
     ref, ref_grad = run_reference(x, y, adv, kw, **opts)
     assert_close_to_reference(out, grad, ref, ref_grad)   # clip flags 3 would show here
+
+
+@pytest.mark.parametrize("aggregation,rows_counted", [
+    ("seq-mean-token-mean", 5), ("seq-mean-token-sum", 5), ("seq-mean-token-sum-norm", 5),
+    ("grpo", 6), ("dr_grpo", 6)])
+def test_fully_masked_rows_verl_names_and_trl_aliases(backend, aggregation, rows_counted):
+    """verl's agg_loss leaves a fully masked sequence out of the sequence mean; TRL's
+    aliases count it as 0. With one empty row of 6 the two differ by exactly 6/5."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, 19, generator=g)
+    y = torch.randint(0, 19, (6, 5), generator=g)
+    adv = torch.randn(6, generator=g)
+    mask = torch.ones(6, 5)
+    mask[2] = 0
+    mask[4, 3:] = 0
+    out = hk.fused_hapo_loss(x, y, adv, mask=mask, aggregation=aggregation)
+    every_row = hk.fused_hapo_loss(x, y, adv, mask=mask, aggregation=aggregation,
+                                   num_sequences=6.0)
+    assert out.loss.item() == pytest.approx(every_row.loss.item() * 6 / rows_counted, rel=1e-6)
+    ref = R.hapo_loss(x.double(), y, adv, mask=mask, aggregation=aggregation)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+
+
+def test_token_sum_and_dp_size(backend):
+    """token-sum is the masked sum; dp_size multiplies every mode (verl's agg_loss)."""
+    x, y, adv, kw = make_inputs((3, 4, 11), seed=2)
+    total = hk.fused_hapo_loss(x, y, adv, aggregation="token-sum", **kw).loss
+    mean = hk.fused_hapo_loss(x, y, adv, aggregation="token-mean", **kw).loss
+    n = float((kw["mask"].bool() & (y != -100)).sum())
+    assert total.item() == pytest.approx(mean.item() * n, rel=1e-6)
+    scaled = hk.fused_hapo_loss(x, y, adv, aggregation="token-mean", normalizer=n, dp_size=3,
+                                **kw).loss
+    assert scaled.item() == pytest.approx(3 * mean.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="normalizer"):
+        hk.fused_hapo_loss(x, y, adv, aggregation="token-mean", dp_size=2, **kw)
+    with pytest.raises(ValueError, match="num_sequences"):
+        hk.fused_hapo_loss(x, y, adv, aggregation="seq-mean-token-sum", dp_size=2, **kw)
 
 
 def test_fully_masked_batch(backend):
