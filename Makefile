@@ -56,7 +56,8 @@ $(VENV_VERL)/.installed: requirements/verl.txt requirements/verl-nodeps.txt pypr
 
 test-integrations: $(VENV_TRL)/.installed $(VENV_VERL)/.installed
 	$(INTEGRATION_ENV) $(VENV_TRL)/bin/python -m pytest -q $(PYTEST_ARGS) tests/integrations/test_trl.py
-	$(INTEGRATION_ENV) $(VENV_VERL)/bin/python -m pytest -q $(PYTEST_ARGS) tests/integrations/test_verl.py
+	$(INTEGRATION_ENV) $(VENV_VERL)/bin/python -m pytest -q $(PYTEST_ARGS) tests/integrations/test_verl.py \
+		tests/integrations/test_verl_trainer.py
 
 # The main job on built-in defaults: the quick sparse-reward HAPO demo, then the quick benchmark.
 demo: setup
