@@ -17,12 +17,16 @@ was imported.
 """
 from __future__ import annotations
 
+import contextvars
+import json
+import os
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import verl.utils.torch_functional as verl_F
+import verl.workers.utils.losses as verl_losses
 from verl.trainer.ppo.core_algos import agg_loss, register_adv_est, register_policy_loss
 
 import hapo_kernels as hk
@@ -31,7 +35,11 @@ from hapo_kernels.objective import token_objective
 from ..config import HAPOConfig
 
 __all__ = ["logprobs_from_logits", "patch_logprobs_from_logits", "compute_policy_loss_hapo",
-           "compute_hapo_outcome_advantage", "configure", "last_injection", "TESTED_VERL"]
+           "compute_hapo_outcome_advantage", "group_layout", "loss_options",
+           "FUSED_LOSS_MODES", "configure", "configure_from",
+           "hapo_config", "gate_state", "load_gate_state", "last_injection", "hapo_ppo_loss",
+           "patch_ppo_loss", "install", "VERL_LOGPROBS_FROM_LOGITS", "TESTED_VERL",
+           "current_config", "current_gate", "expect_injections", "DEMO_FIELD", "TRAINER_KEYS"]
 
 TESTED_VERL = "0.9.1"       # the version `make test-integrations` checks against
 
@@ -51,6 +59,76 @@ def configure(hapo: Optional[HAPOConfig] = None) -> None:
         raise ValueError(f"hapo must be a HAPOConfig or None, got {type(hapo).__name__}")
     cfg = hapo if hapo is not None else HAPOConfig(inject="never")
     _state.update(config=cfg, gate=cfg.make_gate() if cfg.inject == "gate" else None, last=None)
+
+
+DEMO_FIELD = "hapo_demonstration"     # extra_info key of a prompt's teacher demonstration
+# Keys of ``algorithm.hapo`` that configure the verl trainer, not HAPOConfig.
+TRAINER_KEYS = ("demo_field",)
+
+
+def hapo_config(values: Any) -> HAPOConfig:
+    """A ``HAPOConfig`` from a mapping of its flat keywords (``HAPOConfig.from_kwargs``):
+    the ``algorithm.hapo`` node of verl's Hydra config (``TRAINER_KEYS`` left out), a dict,
+    or a ``HAPOConfig``."""
+    if isinstance(values, HAPOConfig):
+        return values
+    if hasattr(values, "items"):
+        plain = {}
+        for key, value in values.items():
+            if key in TRAINER_KEYS:
+                continue
+            # OmegaConf lists (gate_prior) come as ListConfig: make them tuples.
+            plain[str(key)] = tuple(value) if hasattr(value, "__len__") and \
+                not isinstance(value, (str, bytes, dict)) and not hasattr(value, "items") \
+                else value
+        return HAPOConfig.from_kwargs(**plain)
+    raise ValueError(f"algorithm.hapo must be a mapping of HAPOConfig options, got "
+                     f"{type(values).__name__}")
+
+
+def configure_from(algorithm: Any) -> None:
+    """Configure from verl's ``algorithm`` config when it has a ``hapo`` node
+    (``+algorithm.hapo.inject=gate ...`` on the command line). Rebuilds the gate only when
+    the options change, so the gate's state carries across steps."""
+    node = algorithm.get("hapo", None) if hasattr(algorithm, "get") else None
+    if node is None:
+        return
+    cfg = hapo_config(node)
+    if cfg != _state["config"]:
+        configure(cfg)
+
+
+def gate_state() -> Optional[dict]:
+    """The gate's ``state_dict`` (None without a gate), for a checkpoint."""
+    return None if _state["gate"] is None else _state["gate"].state_dict()
+
+
+def load_gate_state(state: Optional[dict]) -> None:
+    """Restore what ``gate_state`` returned into the configured gate."""
+    if state is None:
+        return
+    if _state["gate"] is None:
+        raise ValueError("a gate state was given but the configuration has no gate "
+                         "(inject is not 'gate')")
+    _state["gate"].load_state_dict(state)
+
+
+def current_config() -> HAPOConfig:
+    """The configured ``HAPOConfig``."""
+    return _state["config"]
+
+
+def current_gate() -> Any:
+    """The configured gate (a ``hapo.ThompsonGate``), or None unless ``inject == "gate"``."""
+    return _state["gate"]
+
+
+def expect_injections(decided: Optional[dict]) -> None:
+    """Tell the estimator's next call that the injections are done (``HAPORayPPOTrainer``
+    has written the demonstrations and their scores into the batch): it then takes the
+    rewards as they are, without gating again, and reports ``decided`` (``inject`` per
+    group, ``teacher_rows``) as ``last_injection()``. None clears it."""
+    _state["pending"] = decided
 
 
 def last_injection() -> Optional[dict]:
@@ -75,10 +153,14 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor,
     return flat.reshape(labels.shape)
 
 
+VERL_LOGPROBS_FROM_LOGITS = verl_F.logprobs_from_logits   # verl's own, kept for comparison
+
+
 def patch_logprobs_from_logits() -> list:
     """Replace verl's ``logprobs_from_logits`` in ``verl.utils.torch_functional`` and in
-    every loaded verl module that imported it by name; returns the patched module names."""
-    original = verl_F.logprobs_from_logits
+    every loaded verl module that imported it by name; returns the patched module names.
+    Modules imported later take ours from ``verl.utils.torch_functional``."""
+    original = VERL_LOGPROBS_FROM_LOGITS
     patched = []
     for name, module in list(sys.modules.items()):
         if (name == "verl" or name.startswith("verl.")) and \
@@ -88,7 +170,86 @@ def patch_logprobs_from_logits() -> list:
     return sorted(patched)
 
 
+# --------------------------------------------------------------------------- in the workers
+# verl's actor loss (``verl.workers.utils.losses.ppo_loss``) keeps only the fields it knows
+# before it calls the policy loss, so the teacher rows of a batch are read here, first.
+_teacher_rows: contextvars.ContextVar = contextvars.ContextVar("hapo_teacher_rows",
+                                                               default=None)
+_verl_ppo_loss = verl_losses.ppo_loss
+
+
+def hapo_ppo_loss(config: Any, model_output: Any, data: Any, dp_group: Any = None) -> Any:
+    """verl's ``ppo_loss`` that also hands the batch's ``teacher_mask`` (``[bs]`` or
+    ``[bs, T]`` bool, written by ``HAPORayPPOTrainer``) to the ``"hapo"`` policy loss.
+    Same signature and result; without ``teacher_mask`` in ``data`` it is verl's."""
+    teacher = None
+    if "teacher_mask" in data.keys():
+        teacher = data["teacher_mask"]
+        if getattr(teacher, "is_nested", False):
+            teacher = teacher.to_padded_tensor(False)
+        teacher = teacher.bool()
+    token = _teacher_rows.set(teacher)
+    try:
+        return _verl_ppo_loss(config, model_output, data, dp_group)
+    finally:
+        _teacher_rows.reset(token)
+
+
+def patch_ppo_loss() -> list:
+    """Put ``hapo_ppo_loss`` in place of verl's ``ppo_loss`` in ``verl.workers.utils.losses``
+    and every loaded verl module that imported it (the actor worker builds its loss from
+    ``verl.workers.engine_workers.ppo_loss`` in ``init_model``); returns their names."""
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if (name == "verl" or name.startswith("verl.")) and \
+                getattr(module, "ppo_loss", None) is _verl_ppo_loss:
+            module.ppo_loss = hapo_ppo_loss
+            patched.append(name)
+    return sorted(patched)
+
+
 # --------------------------------------------------------------------------- policy loss
+# verl's loss modes the fused loss reproduces, and the LossOptions fields each one sets.
+FUSED_LOSS_MODES = {
+    "vanilla": {},
+    "hapo": {},
+    "gspo": {"importance_sampling": "sequence"},
+}
+
+
+def loss_options(config: Any, loss_agg_mode: Optional[str] = None,
+                 loss_mode: Optional[str] = None, **overrides: Any) -> hk.LossOptions:
+    """The ``LossOptions`` under which ``hk.fused_hapo_loss`` computes verl's policy loss
+    ``loss_mode`` (default: the actor config's ``policy_loss.loss_mode``) from logits.
+
+    ``config`` is verl's actor config (``ActorConfig``): clip ratios, dual clip (vanilla and
+    hapo only, as in verl), ``loss_agg_mode`` and the global normalisers of
+    ``global_batch_info`` (``batch_num_tokens`` -> ``normalizer``, ``global_batch_size`` ->
+    ``num_sequences``, ``loss_scale_factor`` -> ``max_len``, ``dp_size``). The teacher
+    options come from the configured ``HAPOConfig``.
+    """
+    low, high, c = _clip_options(config)
+    if loss_mode is None:
+        loss_mode = config.policy_loss.get("loss_mode", "vanilla")
+    if loss_mode not in FUSED_LOSS_MODES:
+        raise ValueError(f"loss_mode={loss_mode!r} has no fused equivalent; the fused loss "
+                         f"covers {sorted(FUSED_LOSS_MODES)}")
+    info = dict(config.global_batch_info)
+    mode = loss_agg_mode if loss_agg_mode is not None else config.loss_agg_mode
+    values = dict(eps_low=low, eps_high=high,
+                  dual_clip=c if loss_mode in ("vanilla", "hapo") else None,
+                  aggregation=mode, normalizer=info.get("batch_num_tokens"),
+                  num_sequences=info.get("global_batch_size"),
+                  max_len=info.get("loss_scale_factor") or config.get("loss_scale_factor"),
+                  dp_size=int(info.get("dp_size") or 1))
+    values.update(FUSED_LOSS_MODES[loss_mode])
+    values.update(overrides)
+    return _state["config"].loss.replace(**{k: (float(v) if k in ("normalizer",
+                                                                   "num_sequences")
+                                                and v is not None else v)
+                                           for k, v in values.items()})
+
+
 def _clip_options(config):
     if config is None:
         raise ValueError("the hapo policy loss needs verl's actor config (clip_ratio, ...)")
@@ -107,8 +268,9 @@ def compute_policy_loss_hapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
                              ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """verl's clipped PPO loss (``compute_policy_loss_vanilla``) plus HAPO teacher rows.
 
-    Per token: docs/design.md section 4 with ``eps_low/high = clip_ratio_low/high`` and dual clip
-    ``clip_ratio_c``; rows of ``teacher_mask`` (``[bs]`` or ``[bs, T]``) use the configured
+    Per token: docs/design.md section 4 with ``eps_low/high = clip_ratio_low/high`` and dual
+    clip ``clip_ratio_c``; rows of ``teacher_mask`` (``[bs]`` or ``[bs, T]``; inside verl's
+    actor it comes from the batch through ``hapo_ppo_loss``) use the configured
     teacher objective (shaped by default). Aggregation is verl's ``agg_loss`` with the
     actor's ``global_batch_info``, so every ``loss_agg_mode`` and its global normalisers
     match verl. Metrics carry vanilla's names plus ``actor/hapo_teacher_fraction``.
@@ -118,6 +280,11 @@ def compute_policy_loss_hapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     opts = cfg.loss.replace(eps_low=low, eps_high=high, dual_clip=c)
     valid = response_mask.bool()
     teacher = None
+    if teacher_mask is None:
+        teacher_mask = _teacher_rows.get()
+        if teacher_mask is not None and teacher_mask.shape[0] != valid.shape[0]:
+            raise ValueError(f"the batch's teacher_mask has {teacher_mask.shape[0]} rows but "
+                             f"the loss {valid.shape[0]}")
     if teacher_mask is not None:
         teacher = teacher_mask.bool()
         teacher = teacher[:, None].expand(valid.shape) if teacher.dim() == 1 else teacher
@@ -144,15 +311,21 @@ def compute_policy_loss_hapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- advantages
-def _contiguous_groups(index):
-    """A stable order that makes the groups of ``index`` contiguous, and the group size."""
-    ids = {}
-    group = np.array([ids.setdefault(k, len(ids)) for k in list(index)])
-    counts = np.bincount(group)
-    if counts.min() != counts.max():
-        raise ValueError(f"index must give every prompt the same number of responses; got "
-                         f"group sizes from {counts.min()} to {counts.max()}")
-    return torch.from_numpy(np.argsort(group, kind="stable")), int(counts[0])
+def group_layout(index: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The groups of verl's ``index`` (uids, in any order, of any sizes): a stable order
+    that makes each group contiguous (groups in first-appearance order of their uid) and the
+    offsets ``[P + 1]`` of the groups in that order, for ``hk.group_advantages``."""
+    ids: dict = {}
+    group = np.array([ids.setdefault(k, len(ids)) for k in list(index)], dtype=np.int64)
+    counts = np.bincount(group, minlength=len(ids)) if len(group) else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return torch.from_numpy(np.argsort(group, kind="stable")), torch.from_numpy(offsets)
+
+
+def _as_bool_tensor(values: Any, device: torch.device) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.to(device).bool()
+    return torch.as_tensor(np.asarray(values, dtype=bool), device=device)
 
 
 @register_adv_est("hapo")
@@ -162,39 +335,83 @@ def compute_hapo_outcome_advantage(token_level_rewards: torch.Tensor,
                                    config: Any = None,
                                    inject: Optional[Union[torch.Tensor, np.ndarray,
                                                           Sequence[bool]]] = None,
+                                   prompt_ids: Optional[Sequence[Any]] = None,
+                                   has_demo: Optional[Union[torch.Tensor, np.ndarray,
+                                                            Sequence[bool]]] = None,
                                    **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     """GRPO outcome advantages with SSI substitution (docs/design.md section 6).
 
-    Same inputs and outputs as verl's ``compute_grpo_outcome_advantage``; groups are the
-    responses sharing an ``index`` (uid), in any order, all of one size ``G >= 2``.
-    ``inject`` (bool, one per group in first-appearance order of the uids) overrides the
-    configured gate (see ``configure``). Without injection the result is verl's GRPO.
-    ``norm_adv_by_std_in_grpo`` is read from ``config`` (verl's AlgoConfig) when given.
+    Same inputs and outputs as verl's ``compute_grpo_outcome_advantage``: groups are the
+    responses sharing an ``index`` (uid), in any order and of any sizes; a group of one
+    response has mean 0 and std 1 (verl's rule). Without injection the result is verl's
+    GRPO. ``inject`` (bool, one per group in first-appearance order of the uids) overrides
+    the configured gate; ``prompt_ids`` (one per response: a prompt identity that outlives
+    the step, for ``gate_memory="persistent"``; the uid by default) and ``has_demo`` (one
+    per group: the gate only opens where a demonstration exists) go to the gate.
+    ``config`` is verl's ``algorithm`` config: ``norm_adv_by_std_in_grpo`` is read from it
+    and, when it has a ``hapo`` mapping (``+algorithm.hapo.*``), the HAPO options too.
     """
     if config is not None:
         norm_adv_by_std_in_grpo = config.get("norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo)
+        configure_from(config)
     scores = token_level_rewards.sum(dim=-1)
-    order, G = _contiguous_groups(index)
-    order = order.to(scores.device)
+    order, offsets = group_layout(index)
+    order, offsets = order.to(scores.device), offsets.to(scores.device)
     rewards = scores[order]
+    P = offsets.numel() - 1
+    first = order[offsets[:-1]].tolist()              # each group's first response
     cfg = _state["config"]
-    if inject is None:
-        P = rewards.numel() // G
-        if cfg.inject == "always":
-            inject = torch.ones(P, dtype=torch.bool, device=scores.device)
-        elif cfg.inject == "gate":
-            inject = _state["gate"].decide(rewards, G)
-    elif isinstance(inject, torch.Tensor):
-        inject = inject.to(scores.device).bool()
-    else:
-        inject = torch.as_tensor(np.asarray(inject), dtype=torch.bool, device=scores.device)
+    pending = _state.pop("pending", None)
+    if pending is not None and inject is None:
+        # The trainer substituted and scored the teacher rows already: plain statistics.
+        adv_sorted, _ = hk.group_advantages(
+            rewards, group_offsets=offsets, options=cfg.advantages.replace(
+                scale="group" if norm_adv_by_std_in_grpo else "none", eps=epsilon))
+        adv = torch.empty_like(scores)
+        adv[order] = adv_sorted.to(scores.dtype)
+        _state["last"] = pending
+        adv = adv.unsqueeze(-1) * response_mask
+        return adv, adv
+    if inject is not None:
+        inject = _as_bool_tensor(inject, scores.device)
+    elif cfg.inject == "always":
+        inject = torch.ones(P, dtype=torch.bool, device=scores.device)
+        if has_demo is not None:
+            inject &= _as_bool_tensor(has_demo, scores.device)
+    elif cfg.inject == "gate":
+        keys = list(index) if prompt_ids is None else list(prompt_ids)
+        inject = _state["gate"].decide(
+            rewards, group_offsets=offsets, prompt_ids=[keys[i] for i in first],
+            has_demo=None if has_demo is None else _as_bool_tensor(has_demo, torch.device("cpu")))
     adv_sorted, replaced = hk.group_advantages(
-        rewards, G, inject, options=cfg.advantages.replace(
+        rewards, group_offsets=offsets, inject=inject, options=cfg.advantages.replace(
             scale="group" if norm_adv_by_std_in_grpo else "none", eps=epsilon))
     adv = torch.empty_like(scores)
     adv[order] = adv_sorted.to(scores.dtype)
     hit = torch.nonzero(replaced >= 0).flatten()
     _state["last"] = {"inject": replaced >= 0,
-                      "teacher_rows": order[hit * G + replaced[hit]].sort().values}
+                      "teacher_rows": order[offsets[hit] + replaced[hit]].sort().values}
     adv = adv.unsqueeze(-1) * response_mask
     return adv, adv
+
+
+# --------------------------------------------------------------------------- on import
+CONFIG_ENV = "HAPO_VERL_CONFIG"          # JSON of HAPOConfig keywords, for worker processes
+PATCH_ENV = "HAPO_VERL_PATCH"            # "0": register only, patch nothing
+
+
+def install() -> dict:
+    """What importing this module does in every verl process (driver, trainer, workers:
+    ``VERL_USE_EXTERNAL_MODULES=hapo.integrations.verl``): the registrations above, the HAPO
+    options from ``$HAPO_VERL_CONFIG`` (set by ``hapo.integrations.verl_trainer`` for the
+    processes it starts), and unless ``$HAPO_VERL_PATCH=0`` our ``logprobs_from_logits`` and
+    ``hapo_ppo_loss`` in place of verl's. Returns the patched module names."""
+    raw = os.environ.get(CONFIG_ENV)
+    if raw:
+        configure(hapo_config(json.loads(raw)))
+    if os.environ.get(PATCH_ENV, "1") == "0":
+        return {"logprobs_from_logits": [], "ppo_loss": []}
+    return {"logprobs_from_logits": patch_logprobs_from_logits(), "ppo_loss": patch_ppo_loss()}
+
+
+INSTALLED = install()

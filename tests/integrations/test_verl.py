@@ -14,6 +14,7 @@ from verl.trainer.ppo import core_algos
 from verl.workers.config import ActorConfig
 
 import hapo.integrations.verl as hv
+import hapo_kernels as hk
 from hapo import HAPOConfig
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -39,8 +40,10 @@ def _fresh_config():
     hv.configure(None)
 
 
-def actor_config(global_info=None, **clip):
-    config = ActorConfig(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=1, **clip)
+def actor_config(global_info=None, loss_mode="vanilla", **clip):
+    from verl.workers.config.actor import PolicyLossConfig
+    config = ActorConfig(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=1,
+                         policy_loss=PolicyLossConfig(loss_mode=loss_mode), **clip)
     config.global_batch_info.update(global_info or {})
     return config
 
@@ -194,8 +197,28 @@ def test_estimator_explicit_inject_and_bad_groups():
     injected_uid = list(dict.fromkeys(uids))[1]          # groups in first-appearance order
     same = torch.from_numpy(uids != injected_uid)
     torch.testing.assert_close(ours[same], theirs[same], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="same number of responses"):
-        hv.compute_hapo_outcome_advantage(rewards[:-1], mask[:-1], uids[:-1])
+    with pytest.raises(ValueError, match="inject"):
+        hv.compute_hapo_outcome_advantage(rewards, mask, uids, inject=[True, False])
+
+
+def test_estimator_uneven_and_single_response_groups():
+    """verl's GRPO takes groups of any size; a group of one has mean 0 and std 1."""
+    g = torch.Generator().manual_seed(2)
+    sizes = [1, 4, 2, 1, 7, 3]
+    uids = np.array([f"u{p}" for p, n in enumerate(sizes) for _ in range(n)], dtype=object)
+    perm = torch.randperm(len(uids), generator=g).numpy()
+    uids = uids[perm]
+    rewards = torch.zeros(len(uids), 5)
+    rewards[:, -1] = torch.randn(len(uids), generator=g)
+    mask = torch.ones(len(uids), 5)
+    for norm in (True, False):
+        ours, _ = hv.compute_hapo_outcome_advantage(rewards, mask, uids,
+                                                    norm_adv_by_std_in_grpo=norm)
+        theirs, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, uids,
+                                                              norm_adv_by_std_in_grpo=norm)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    single = np.isin(uids, ["u0", "u3"])
+    torch.testing.assert_close(ours[single][:, -1], rewards[single][:, -1])   # not 0
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 37), (11, 37)], ids=["BTV", "packed"])
@@ -206,7 +229,7 @@ def test_logprobs_from_logits_equals_verl(shape, dtype):
     a = logits.clone().requires_grad_(True)
     b = logits.clone().requires_grad_(True)
     ours = hv.logprobs_from_logits(a, labels)
-    theirs = verl_F.logprobs_from_logits(b, labels)
+    theirs = hv.VERL_LOGPROBS_FROM_LOGITS(b, labels)
     g = torch.randn(shape[:-1])
     (ours * g).sum().backward()
     (theirs.float() * g).sum().backward()
@@ -216,11 +239,109 @@ def test_logprobs_from_logits_equals_verl(shape, dtype):
     torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
 
 
-def test_patch_logprobs_from_logits():
-    original = verl_F.logprobs_from_logits
-    try:
-        patched = hv.patch_logprobs_from_logits()
-        assert "verl.utils.torch_functional" in patched
-        assert verl_F.logprobs_from_logits is hv.logprobs_from_logits
-    finally:
-        verl_F.logprobs_from_logits = original
+def test_import_patches_logprobs_and_ppo_loss():
+    """Importing the module (as VERL_USE_EXTERNAL_MODULES does) put ours in place."""
+    assert "verl.utils.torch_functional" in hv.INSTALLED["logprobs_from_logits"]
+    assert verl_F.logprobs_from_logits is hv.logprobs_from_logits
+    assert "verl.workers.utils.losses" in hv.INSTALLED["ppo_loss"]
+    import verl.workers.utils.losses as losses
+    assert losses.ppo_loss is hv.hapo_ppo_loss
+
+
+# --------------------------------------------------------------------------- verl's own tests
+# verl's wheel ships its tests; they are loaded from the installed distribution by path
+# (not as ``tests.*``, a name this repository's folder shares) and run with the project's
+# functions put where verl's test modules look them up.
+def verl_test_module(relative_path):
+    import importlib.metadata
+    import importlib.util
+    path = importlib.metadata.distribution("verl").locate_file(relative_path)
+    name = "verl_own_" + relative_path.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+verl_core_algos_tests = verl_test_module("tests/trainer/ppo/test_core_algos_on_cpu.py")
+verl_rollout_corr_tests = verl_test_module("tests/trainer/ppo/test_rollout_corr_integration.py")
+
+
+@pytest.mark.parametrize("args", [(64, 128, 5, 0), (128, 256, 8, 1), (512, 512, 10, 2)])
+def test_verls_grpo_equivalence_with_hapo_estimator(monkeypatch, args):
+    """verl's test_grpo_and_vectorized_equivalence (uneven, shuffled groups) with our
+    estimator in place of verl's vectorized GRPO."""
+    monkeypatch.setattr(verl_core_algos_tests, "compute_grpo_vectorized_outcome_advantage",
+                        hv.compute_hapo_outcome_advantage)
+    verl_core_algos_tests.test_grpo_and_vectorized_equivalence(*args)
+
+
+def test_verls_grpo_low_variance_with_hapo_estimator(monkeypatch):
+    monkeypatch.setattr(verl_core_algos_tests, "compute_grpo_vectorized_outcome_advantage",
+                        hv.compute_hapo_outcome_advantage)
+    verl_core_algos_tests.test_grpo_vectorized_matches_original_for_low_variance_rewards()
+
+
+class TestVerlRolloutISWithHapoLoss(verl_rollout_corr_tests.TestRolloutISIntegration):
+    """verl's rollout-correction policy-loss tests with the ``"hapo"`` loss as vanilla."""
+
+    @pytest.fixture(autouse=True)
+    def _hapo_loss(self, monkeypatch):
+        monkeypatch.setattr(verl_rollout_corr_tests, "compute_policy_loss_vanilla",
+                            hv.compute_policy_loss_hapo)
+
+
+# --------------------------------------------------------------------------- the fused loss
+def verl_logprobs(logits, targets):
+    return torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("global_info", [None, GLOBAL_INFO], ids=["local", "global"])
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("loss_mode", sorted(hv.FUSED_LOSS_MODES))
+def test_fused_loss_equals_verls_policy_loss(loss_mode, mode, global_info):
+    """hk.fused_hapo_loss from the logits, under hv.loss_options, equals verl's registered
+    policy loss on the log-probs of the same logits: loss and the logits' gradient, for every
+    aggregation mode, with a fully masked row, locally and with verl's global normalisers."""
+    logp, old, adv, mask, _ = make_batch()
+    B, T, V = logp.shape[0], logp.shape[1], 23
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    targets = torch.randint(0, V, (B, T), generator=g)
+    old = (verl_logprobs(logits, targets) + 0.4 * torch.randn(B, T, generator=g,
+                                                               dtype=torch.float64)).float()
+    config = actor_config(global_info, loss_mode, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                          clip_ratio_c=2.5)
+    theirs_x = logits.clone().requires_grad_(True)
+    verl_fn = core_algos.get_policy_loss_fn(loss_mode)
+    theirs, _ = verl_fn(old_log_prob=old.double(), log_prob=verl_logprobs(theirs_x, targets),
+                        advantages=adv.double(), response_mask=mask.bool(), loss_agg_mode=mode,
+                        config=config)
+    theirs.backward()
+    ours_x = logits.float().clone().requires_grad_(True)
+    out = hk.fused_hapo_loss(ours_x, targets, adv, mask=mask, old_logp=old,
+                             options=hv.loss_options(config, mode))
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(ours_x.grad.double(), theirs_x.grad, rtol=1e-4, atol=1e-6)
+    assert theirs_x.grad.abs().sum() > 0
+
+
+def test_readme_verl_snippet_runs():
+    """The README's verl Python snippet, run as written on a verl actor config and a batch."""
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Speed up verl"):]
+    section = section[:section.index("\n## ", 5)]
+    snippets = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(snippets) == 1
+    logp, old, adv, mask, _ = make_batch()
+    g = torch.Generator().manual_seed(1)
+    namespace = {"actor_config": actor_config(), "response_mask": mask,
+                 "logits": torch.randn(6, 9, 17, generator=g, requires_grad=True),
+                 "response_ids": torch.randint(0, 17, (6, 9), generator=g),
+                 "advantages": adv[:, 0], "old_log_probs": old}
+    exec(snippets[0], namespace)
+    assert torch.isfinite(namespace["out"].loss)
+    assert hv.current_config().loss.teacher_gamma == 0.1
