@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from .backends import Backend, RowStats
 
 __all__ = ["VocabShard", "vocab_shard", "VocabParallelOps", "combine_vocab_stats",
-           "rank_offset", "gather_rewards", "broadcast_decisions", "decide_injections"]
+           "rank_offset", "gather_rewards", "gather_values", "broadcast_decisions",
+           "decide_injections"]
 
 
 def _require_initialized(what: str):
@@ -172,10 +173,17 @@ def gather_rewards(rewards: torch.Tensor, group: Any = None) -> Tuple[torch.Tens
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         raise ValueError("rewards must be a 1-D tensor (this rank's rollouts), got "
                          f"{getattr(rewards, 'shape', type(rewards).__name__)}")
-    sizes = _all_gather_sizes(rewards.numel(), rewards.device, group)
+    return gather_values(rewards, group)
+
+
+def gather_values(values: torch.Tensor, group: Any = None) -> Tuple[torch.Tensor, int]:
+    """A 1-D tensor of every rank (lengths may differ) concatenated in rank order, and where
+    this rank's part starts."""
+    _require_initialized("process_group")
+    sizes = _all_gather_sizes(values.numel(), values.device, group)
     width = max(sizes)
-    padded = torch.zeros(width, dtype=rewards.dtype, device=rewards.device)
-    padded[:rewards.numel()] = rewards.detach()
+    padded = torch.zeros(width, dtype=values.dtype, device=values.device)
+    padded[:values.numel()] = values.detach()
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
     rank = dist.get_rank(group)

@@ -205,6 +205,9 @@ class LossInputs:
     vocab_shard: Optional[Any] = None             # distributed.VocabShard
     computed_advantages: Optional[torch.Tensor] = None   # from rewards= (detached)
     replaced: Optional[torch.Tensor] = None       # SSI's replaced member per group
+    rollout_is: Optional[torch.Tensor] = None     # float32 rollout importance weights
+    sampling_logp: Optional[torch.Tensor] = None  # float32 sampler log-probs (masks.py)
+    process_group: Optional[Any] = None           # data-parallel group (masks.py)
 
     @property
     def rows(self) -> int:
@@ -216,7 +219,8 @@ class LossInputs:
             return None if t is None else t[sl]
         return dict(valid=self.valid[sl], advantages=self.advantages[sl],
                     old_logp=cut(self.old_logp), ref_logp=cut(self.ref_logp),
-                    teacher=self.teacher[sl], weights=self.weights[sl])
+                    teacher=self.teacher[sl], weights=self.weights[sl],
+                    rollout_is=cut(self.rollout_is))
 
     def sequence_vectors(self) -> dict:
         """``token_vectors`` shaped ``[B, T]`` (or packed with ``segments``), for terms that
@@ -235,7 +239,8 @@ class LossInputs:
             self, B=1, T=r1 - r0, targets=self.targets[r0:r1], valid=self.valid[r0:r1],
             advantages=self.advantages[r0:r1], old_logp=cut(self.old_logp),
             ref_logp=cut(self.ref_logp), teacher=self.teacher[r0:r1],
-            weights=self.weights[r0:r1], batch_shape=(r1 - r0,), segments=None)
+            weights=self.weights[r0:r1], batch_shape=(r1 - r0,), segments=None,
+            rollout_is=cut(self.rollout_is), sampling_logp=cut(self.sampling_logp))
 
 
 def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
@@ -247,6 +252,8 @@ def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
                 segments: Optional[Segments] = None, process_group: Any = None,
                 vocab_shard: Any = None, replaced: Optional[torch.Tensor] = None,
                 computed_advantages: Optional[torch.Tensor] = None,
+                rollout_is_weights: Optional[torch.Tensor] = None,
+                sampling_logp: Optional[torch.Tensor] = None,
                 dtype: torch.dtype = torch.float32) -> LossInputs:
     """The loss's tensors checked against ``target_ids`` and laid out as ``LossInputs``.
 
@@ -269,6 +276,26 @@ def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
     ref = check("ref_logp", ref_logp, False)
     if opts.beta > 0 and ref is None:
         raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
+    sampling = check("sampling_logp", sampling_logp, False)
+    rollout_is = None
+    if rollout_is_weights is not None:
+        if not isinstance(rollout_is_weights, torch.Tensor):
+            raise ValueError("rollout_is_weights must be a torch.Tensor, got "
+                             f"{type(rollout_is_weights).__name__}")
+        if opts.objective == "vespo" and tuple(rollout_is_weights.shape) != batch_shape:
+            # VESPO sums the log-weights of a sequence's tokens (TRL refuses sequence
+            # modes with it): a per-sequence weight would be counted once per token.
+            raise ValueError(f"rollout_is_weights must be per token {batch_shape} with "
+                             "objective='vespo'")
+        if (rollout_is_weights.dim() == 2 and len(batch_shape) == 2
+                and tuple(rollout_is_weights.shape) == (batch_shape[0], 1)):
+            rollout_is_weights = rollout_is_weights[:, 0]      # TRL's (B, 1) sequence ratios
+        rollout_is = check("rollout_is_weights",
+                           per_token("rollout_is_weights", rollout_is_weights, segments), True)
+        if rollout_is.dim() == 1:
+            rollout_is = rollout_is[:, None].expand(shape2d)
+        if bool((rollout_is < 0).any()) or not bool(torch.isfinite(rollout_is).all()):
+            raise ValueError("rollout_is_weights must be finite and >= 0")
     targets = target_ids.reshape(shape2d)
     valid = targets != ignore_index
     if mask is not None:
@@ -292,7 +319,9 @@ def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
                       advantages=flat(adv), old_logp=flat(old), ref_logp=flat(ref),
                       teacher=flat(teacher, torch.bool), weights=flat(weights),
                       batch_shape=batch_shape, segments=segments, vocab_shard=vocab_shard,
-                      computed_advantages=computed_advantages, replaced=replaced)
+                      computed_advantages=computed_advantages, replaced=replaced,
+                      rollout_is=flat(rollout_is), sampling_logp=flat(sampling),
+                      process_group=process_group)
 
 
 def add_teachers(inputs: LossInputs, hit: torch.Tensor) -> None:

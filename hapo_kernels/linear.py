@@ -106,10 +106,10 @@ class FusedLinearHAPOLossFunction(torch.autograd.Function):
         grads = head.Grads(hidden, weight, bias, *wants, fp32_accumulate)
         backend = backend_for(hidden)
         V = weight.shape[0]
-        if not opts.sequence_level and not chunks.split(V):
+        if not opts.statistics_first and not chunks.split(V):
             head.fused_pass(hidden, weight, bias, inputs, opts, out, grads, chunks, backend)
         else:
-            # Sequence-level ratios couple tokens of different chunks, and vocabulary blocks
+            # Sequence or batch statistics couple tokens of different chunks, and vocabulary blocks
             # need every block's statistics first: the two-pass loss (statistics, [B, T]
             # objective, gradient), the logits made twice (masked rows skipped).
             targets = torch.where(inputs.valid, inputs.targets,
@@ -151,7 +151,10 @@ def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
                            inject: Optional[torch.Tensor] = None,
                            cu_seqlens: Optional[torch.Tensor] = None,
                            process_group: Any = None, vocab_chunk_size: Optional[int] = None,
-                           fp32_accumulate: bool = True, **option_values: Any) -> LossOutput:
+                           fp32_accumulate: bool = True,
+                           rollout_is_weights: Optional[torch.Tensor] = None,
+                           sampling_logp: Optional[torch.Tensor] = None,
+                           **option_values: Any) -> LossOutput:
     """``fused_hapo_loss(hidden @ weight.T + bias, ...)`` without ever holding the logits.
 
     ``hidden`` ``[B, T, H]`` (targets ``[B, T]``) or packed ``[N, H]`` (targets ``[N]``);
@@ -186,7 +189,8 @@ def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
         hidden, target_ids, advantages, opts, adv_opts, source_name="hidden",
         ignore_index=ignore_index, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
         teacher_mask=teacher_mask, rewards=rewards, group_size=group_size, inject=inject,
-        cu_seqlens=cu_seqlens, process_group=process_group)
+        cu_seqlens=cu_seqlens, process_group=process_group,
+        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
     results = FusedLinearHAPOLossFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, inputs, opts, chunks,
         _wants(hidden, weight, bias), fp32_accumulate)

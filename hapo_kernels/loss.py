@@ -32,7 +32,7 @@ def run_loss(logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
     if inputs.vocab_shard is not None:     # a vocabulary slice: all-reduced statistics
         two_pass_loss(logits, inputs, opts, out, grad,
                       distributed.VocabParallelOps(backend, inputs.vocab_shard))
-    elif opts.sequence_level:
+    elif opts.statistics_first:
         two_pass_loss(logits, inputs, opts, out, grad, backend)
     else:
         backend.token_loss(logits, inputs, opts, out, grad)
@@ -105,7 +105,9 @@ def prepare_loss(source: torch.Tensor, target_ids: torch.Tensor,
                  ref_logp: Optional[torch.Tensor], teacher_mask: Optional[torch.Tensor],
                  rewards: Optional[torch.Tensor], group_size: Optional[int],
                  inject: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                 process_group: Any, vocab_shard: Any = None) -> LossInputs:
+                 process_group: Any, vocab_shard: Any = None,
+                 rollout_is_weights: Optional[torch.Tensor] = None,
+                 sampling_logp: Optional[torch.Tensor] = None) -> LossInputs:
     """The loss's ``LossInputs`` from a caller's arguments; shared by ``fused_hapo_loss`` and
     ``linear.fused_linear_hapo_loss`` (same arguments, same meaning).
 
@@ -137,7 +139,8 @@ def prepare_loss(source: torch.Tensor, target_ids: torch.Tensor,
                          ignore_index=ignore_index, mask=mask, old_logp=old_logp,
                          ref_logp=ref_logp, teacher_mask=teacher_mask, segments=segments,
                          process_group=process_group, vocab_shard=vocab_shard,
-                         replaced=replaced, computed_advantages=computed)
+                         replaced=replaced, computed_advantages=computed,
+                         rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
     if replaced is not None and inject is not None:
         add_teachers(inputs, _ssi_teachers(replaced, group_size, n_seq, source.device,
                                            process_group))
@@ -183,6 +186,8 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
                     inject: Optional[torch.Tensor] = None,
                     cu_seqlens: Optional[torch.Tensor] = None,
                     vocab_parallel_group: Any = None, process_group: Any = None,
+                    rollout_is_weights: Optional[torch.Tensor] = None,
+                    sampling_logp: Optional[torch.Tensor] = None,
                     **option_values: Any) -> LossOutput:
     """The GRPO/HAPO loss of docs/design.md sections 3-5; ``out.loss`` is differentiable
     w.r.t. ``logits``.
@@ -194,11 +199,19 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
     ``teacher_reward``) and the members replaced by SSI are treated as teacher tokens in
     addition to ``teacher_mask``.
 
+    ``rollout_is_weights`` ``[B, T]`` or ``[B]`` (TRL's ``importance_sampling_ratio``,
+    verl's ``rollout_is_weights``; no gradient) multiply each on-policy token's objective
+    but not its KL or entropy bonus (VESPO takes them into its sequence weight).
+    ``sampling_logp`` ``[B, T]``: the sampler's log-probs, read by the off-policy mask
+    (default ``old_logp``).
+
     Options: every field of ``LossOptions`` (``temperature``, ``objective``, ``eps_low``,
-    ``eps_high``, ``dual_clip``, ``beta``, ``entropy_coef``, ``importance_sampling``,
-    ``teacher_objective``, ``teacher_gamma``, ``sft_weight``, ``aggregation``,
-    ``normalizer``, ``max_len``) and of ``AdvantageOptions`` as a keyword, or the objects
-    as ``options=`` / ``advantage_options=`` (keywords then override their fields).
+    ``eps_high``, ``dual_clip``, ``delta``, ``beta``, ``kl_bias_correction``,
+    ``entropy_coef``, ``entropy_mean``, ``importance_sampling``, ``teacher_objective``,
+    ``teacher_gamma``, ``sft_weight``, ``aggregation``, ``normalizer``, ``max_len``, the
+    SAPO and VESPO parameters, ``top_entropy_quantile``, ``off_policy_mask_threshold``) and
+    of ``AdvantageOptions`` as a keyword, or the objects as ``options=`` /
+    ``advantage_options=`` (keywords then override their fields).
     ``inplace_grad=True`` writes the gradient into the logits' storage (the logits are
     consumed; autograd refuses other saved uses of them).
 
@@ -220,7 +233,8 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
         logits, target_ids, advantages, opts, adv_opts, source_name="logits",
         ignore_index=ignore_index, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
         teacher_mask=teacher_mask, rewards=rewards, group_size=group_size, inject=inject,
-        cu_seqlens=cu_seqlens, process_group=process_group, vocab_shard=shard)
+        cu_seqlens=cu_seqlens, process_group=process_group, vocab_shard=shard,
+        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
     results = FusedHAPOLossFunction.apply(logits, inputs, opts, inplace_grad,
                                           torch.is_grad_enabled() and logits.requires_grad)
     return loss_output(results, inputs)

@@ -14,6 +14,7 @@ held to it by the tests. Adding an objective: an entry here, a branch in
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
@@ -33,25 +34,41 @@ class Objective:
     ``rho`` is the importance ratio (gradient flowing to ``logp``), ``logp`` the token's
     log-probability, ``A`` its advantage. ``clipped(rho, A, opts)`` gives the
     ``(low, high)`` flags the metrics count (``rho`` detached).
+
+    ``sequence_weight``, where set, is a per-sequence weight without gradient that multiplies
+    the token's loss (VESPO's gamma weight): ``sequence_weight(log_ratio, A, valid,
+    rollout_is, opts, segments)`` per token. It needs the whole sequence's log-ratios, so
+    such an objective runs statistics-first (``twopass.py``) and has no branch in the fused
+    Triton kernel; the caller's rollout importance weights enter it instead of multiplying
+    the loss.
     """
     name: str
     code: int
     params: tuple
     loss: Callable[[Tensor, Tensor, Tensor, LossOptions], Tensor]
     clipped: Callable[[Tensor, Tensor, LossOptions], tuple]
+    sequence_weight: Optional[Callable[..., Tensor]] = None
+
+
+def _capped(rho, opts):
+    """TRL's ``delta``: the unclipped branch's ratio ``min(rho, delta)``."""
+    return rho if opts.delta is None else torch.clamp(rho, max=opts.delta)
 
 
 def _clip_loss(rho, logp, A, opts):
-    """PPO's clipped surrogate ``-min(rho A, clip(rho) A)`` with verl's dual clip."""
+    """PPO's clipped surrogate ``-min(min(rho, delta) A, clip(rho) A)`` (TRL's ``delta``:
+    the cap on the unclipped branch only) with verl's dual clip."""
     clipped = torch.clamp(rho, 1.0 - opts.eps_low, 1.0 + opts.eps_high)
-    loss = -torch.minimum(rho * A, clipped * A)
+    loss = -torch.minimum(_capped(rho, opts) * A, clipped * A)
     if opts.dual_clip is not None:
         loss = torch.where(A < 0, torch.minimum(loss, -opts.dual_clip * A), loss)
     return loss
 
 
 def _clip_flags(rho, A, opts):
-    return (rho < 1.0 - opts.eps_low) & (A < 0), (rho > 1.0 + opts.eps_high) & (A > 0)
+    # TRL counts the clip regions on the delta-capped ratio.
+    r = _capped(rho, opts)
+    return (r < 1.0 - opts.eps_low) & (A < 0), (r > 1.0 + opts.eps_high) & (A > 0)
 
 
 def _cispo_loss(rho, logp, A, opts):
@@ -65,9 +82,60 @@ def _cispo_flags(rho, A, opts):
     return torch.zeros_like(rho, dtype=torch.bool), (rho > opts.eps_high) & (A > 0)
 
 
+def _sapo_loss(rho, logp, A, opts):
+    """SAPO (TRL's ``sapo``): a soft gate ``-(4 / tau) sigmoid(tau (rho - 1)) A`` instead of a
+    hard clip, ``tau`` = ``sapo_temperature_pos`` for ``A > 0``, else ``_neg``."""
+    tau = torch.where(A > 0, torch.full_like(A, opts.sapo_temperature_pos),
+                      torch.full_like(A, opts.sapo_temperature_neg))
+    return -torch.sigmoid(tau * (rho - 1.0)) * (4.0 / tau) * A
+
+
+def _no_flags(rho, A, opts):
+    none = torch.zeros_like(rho, dtype=torch.bool)
+    return none, none
+
+
+def _vespo_loss(rho, logp, A, opts):
+    """VESPO (TRL's ``vespo``): ``-phi A logp``; ``phi`` is the sequence weight below."""
+    return -A * logp
+
+
+LOG_1E_8 = math.log(1e-8)
+
+
+def _vespo_weight(log_ratio, A, valid, rollout_is, opts, segments):
+    """TRL's ``get_gamma_weights``: ``phi = exp(lambda + k log w - lambda w)`` with
+    ``log w = clamp(sum_t clamp(log-ratio, -20, 20) + sum_t clamp(log is_t, ln 1e-8, 20),
+    ln 1e-8, 20)`` over the sequence's valid tokens; ``(k, lambda)`` by ``A >= 0``; no
+    gradient; a non-finite ``phi`` is 0."""
+    with torch.no_grad():
+        zero = torch.zeros_like(log_ratio)
+        terms = torch.where(valid, torch.clamp(log_ratio.detach(), -20.0, 20.0), zero)
+        if rollout_is is not None:
+            log_is = torch.clamp(torch.log(rollout_is.to(log_ratio.dtype)), LOG_1E_8, 20.0)
+            terms = terms + torch.where(valid, log_is, zero)
+        if segments is not None:
+            seq = segments.broadcast(segments.sum(terms)).reshape(terms.shape)
+        else:
+            seq = terms.sum(-1, keepdim=True).expand_as(terms)
+        log_w = torch.clamp(seq, LOG_1E_8, 20.0)
+        nonneg = A >= 0
+        k = torch.where(nonneg, torch.full_like(A, opts.vespo_k_pos),
+                        torch.full_like(A, opts.vespo_k_neg))
+        lam = torch.where(nonneg, torch.full_like(A, opts.vespo_lambda_pos),
+                          torch.full_like(A, opts.vespo_lambda_neg)).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 OBJECTIVES = {o.name: o for o in (
-    Objective("clip", 0, ("eps_low", "eps_high", "dual_clip"), _clip_loss, _clip_flags),
+    Objective("clip", 0, ("eps_low", "eps_high", "dual_clip", "delta"), _clip_loss,
+              _clip_flags),
     Objective("cispo", 1, ("eps_high",), _cispo_loss, _cispo_flags),
+    Objective("sapo", 2, ("sapo_temperature_pos", "sapo_temperature_neg"), _sapo_loss,
+              _no_flags),
+    Objective("vespo", 3, ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                           "vespo_lambda_neg"), _vespo_loss, _no_flags, _vespo_weight),
 )}
 
 
@@ -101,39 +169,63 @@ class TokenObjective(NamedTuple):
     ratio: Tensor                # detached importance ratio
     clip_low: Tensor             # bool
     clip_high: Tensor            # bool
-    kl: Optional[Tensor]         # detached k3, None without ref_logp
+    kl: Optional[Tensor]         # detached k3 (times rho with kl_bias_correction); None
+    #                              without ref_logp
+
+
+def log_ratio(logp: Tensor, old_logp: Optional[Tensor], valid: Tensor) -> Tensor:
+    """``logp - old_logp`` on valid tokens, 0 elsewhere (no ``old_logp``: ``stop_grad(logp)``,
+    so 0 with gradient 1)."""
+    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
+    return torch.where(valid, logp - old, torch.zeros_like(logp))
 
 
 def importance_ratio(logp: Tensor, old_logp: Optional[Tensor], valid: Tensor,
                      opts: LossOptions, segments: Optional[Segments] = None) -> Tensor:
     """``rho``: per token, or per sequence (GSPO: the exp of the mean log-ratio of a
     sequence, a row of ``[B, T]`` or a segment of packed tokens), gradient to ``logp``."""
-    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
-    log_ratio = torch.where(valid, logp - old, torch.zeros_like(logp))
+    r = log_ratio(logp, old_logp, valid)
     if not opts.sequence_level:
-        return torch.exp(log_ratio)
+        return torch.exp(r)
     m = valid.to(logp.dtype)
     if segments is not None:
-        return torch.exp(segments.mean(log_ratio, m))
-    seq = (m * log_ratio).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        return torch.exp(segments.mean(r, m))
+    seq = (m * r).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
     return torch.exp(seq).expand_as(logp)
 
 
 def token_objective(logp: Tensor, entropy: Optional[Tensor], advantages: Tensor,
                     valid: Tensor, *, old_logp: Optional[Tensor] = None,
                     ref_logp: Optional[Tensor] = None, teacher: Optional[Tensor] = None,
+                    rollout_is: Optional[Tensor] = None,
+                    policy_mask: Optional[Tensor] = None,
                     opts: LossOptions, segments: Optional[Segments] = None) -> TokenObjective:
     """Per-token loss and metrics of docs/design.md section 4, in ``logp``'s dtype.
 
     Every tensor has one shape: ``[B, T]`` (a sequence per row) or packed tokens with
     ``segments`` (a ``packed.Segments``). ``entropy`` may be None when
     ``opts.entropy_coef == 0``. Differentiable w.r.t. ``logp`` and ``entropy``.
+
+    ``rollout_is`` (the caller's rollout importance weights, TRL's
+    ``importance_sampling_ratio``, verl's ``rollout_is_weights``) and ``policy_mask`` (the
+    entropy-quantile and off-policy masks, ``masks.py``) multiply the on-policy objective
+    of each token, never the KL or the entropy bonus (TRL's order); an objective with a
+    ``sequence_weight`` (VESPO) takes ``rollout_is`` into that weight instead. With
+    ``opts.entropy_mean`` the entropy bonus is left to the caller (``token_terms``): it is
+    a batch mean, not a per-token term.
     """
     dt = logp.dtype
     A = advantages.to(dt)
     rho = importance_ratio(logp, old_logp, valid, opts, segments)
     objective = OBJECTIVES[opts.objective]
     on_policy = objective.loss(rho, logp, A, opts)
+    if objective.sequence_weight is not None:
+        on_policy = on_policy * objective.sequence_weight(
+            log_ratio(logp, old_logp, valid), A, valid, rollout_is, opts, segments)
+    elif rollout_is is not None:
+        on_policy = on_policy * rollout_is.to(dt)
+    if policy_mask is not None:
+        on_policy = on_policy * policy_mask.to(dt)
     if teacher is None:
         teacher = torch.zeros_like(valid)
     teacher_objective = TEACHER_OBJECTIVES[opts.teacher_objective]
@@ -143,9 +235,11 @@ def token_objective(logp: Tensor, entropy: Optional[Tensor], advantages: Tensor,
     if ref_logp is not None:
         d = torch.where(valid, ref_logp.to(dt) - logp, torch.zeros_like(logp))
         kl = torch.exp(d) - d - 1.0
+        if opts.kl_bias_correction:      # TRL: k3 times the un-clipped ratio, both with grad
+            kl = kl * rho
         if opts.beta > 0:
             loss = loss + opts.beta * kl
-    if opts.entropy_coef != 0:
+    if opts.entropy_coef != 0 and not opts.entropy_mean:
         loss = loss - opts.entropy_coef * entropy
 
     counted = valid if teacher_objective.counts_clips else valid & ~teacher
@@ -168,20 +262,27 @@ class TokenTerms(NamedTuple):
 def token_terms(logp: Tensor, entropy: Tensor, *, valid: Tensor, advantages: Tensor,
                 old_logp: Optional[Tensor], ref_logp: Optional[Tensor], teacher: Tensor,
                 weights: Tensor, opts: LossOptions, need_grad: bool,
+                rollout_is: Optional[Tensor] = None, policy_mask: Optional[Tensor] = None,
+                entropy_weights: Optional[Tensor] = None,
                 segments: Optional[Segments] = None) -> TokenTerms:
     """``w * l`` per token and the scalar derivatives ``d(sum w l)/dlogp``, ``/dentropy``.
 
     The chain rule through the logits needs only these two per-token scalars, so every
     backend's gradient pass takes them (any shape: ``[tokens]`` for token-level ratios,
-    ``[B, T]`` or packed with ``segments`` for sequence-level ones).
+    ``[B, T]`` or packed with ``segments`` for sequence-level ones). With
+    ``opts.entropy_mean`` the bonus ``-entropy_coef * entropy_weights * entropy`` is added
+    per token (``entropy_weights``: the batch-mean weights, ``masks.entropy_mean_weights``).
     """
     with torch.enable_grad():
         lp = logp.detach().requires_grad_(need_grad)
         en = entropy.detach().requires_grad_(need_grad)
         obj = token_objective(lp, en, advantages, valid, old_logp=old_logp,
-                              ref_logp=ref_logp, teacher=teacher, opts=opts,
-                              segments=segments)
+                              ref_logp=ref_logp, teacher=teacher, rollout_is=rollout_is,
+                              policy_mask=policy_mask, opts=opts, segments=segments)
         wl = weights * obj.loss
+        if opts.entropy_mean and opts.entropy_coef != 0:
+            wl = wl - opts.entropy_coef * entropy_weights * torch.where(
+                valid, en, torch.zeros_like(en))
         g_logp = g_ent = None
         if need_grad:
             g_logp, g_ent = torch.autograd.grad(wl.sum(), (lp, en), allow_unused=True,

@@ -32,8 +32,10 @@ AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-toke
 # TRL's loss_type names. "dapo" is token-mean with the global token count as normalizer.
 # TRL's sequence means count every row, a fully masked one as 0; verl's names leave fully
 # masked rows out of the mean (``aggregation.sequence_count``).
+# "luspo" (TRL >= 1.16) sums each sequence's tokens and averages over sequences.
 AGGREGATION_ALIASES = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-                       "bnpo": "token-mean", "dapo": "token-mean"}
+                       "bnpo": "token-mean", "dapo": "token-mean",
+                       "luspo": "seq-mean-token-sum"}
 IMPORTANCE_SAMPLING = ("token", "sequence")
 SCALES = ("group", "batch", "none")
 STATS = ("all", "on-policy")
@@ -47,7 +49,8 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The scalar options the Triton loss kernel reads, in the order of its ``params`` tuple.
 # ``triton/objective.py`` names each position; a new scalar option is appended here.
 KERNEL_PARAMS = ("eps_low", "eps_high", "dual_clip", "beta", "entropy_coef", "teacher_gamma",
-                 "sft_weight")
+                 "sft_weight", "delta", "sapo_temperature_pos", "sapo_temperature_neg",
+                 "kl_bias_correction")
 
 
 # --------------------------------------------------------------------------- validators
@@ -183,6 +186,20 @@ class LossOptions(_Options):
             average their gradients, so each rank's share of a global sum is scaled up).
             Above 1 it needs the global ``normalizer`` (``token-mean``) or ``num_sequences``
             (``seq-mean-*``), as verl's ``agg_loss`` does.
+        delta: TRL's two-sided clip: the unclipped branch of ``"clip"`` uses
+            ``min(rho, delta)`` (any value > 0; None: off).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's ``tau`` for ``A > 0`` / else.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weight
+            ``exp(lambda + k log w - lambda w)`` for ``A >= 0`` / ``A < 0``.
+        kl_bias_correction: the KL term is ``rho * k3`` (TRL's ``use_bias_correction_kl``),
+            its gradient through both factors.
+        top_entropy_quantile: the policy term is kept only on tokens whose entropy is at or
+            above the ``1 - q`` quantile of the batch's valid tokens (1.0: off).
+        off_policy_mask_threshold: the policy term of a sequence with ``A < 0`` and a mean
+            ``sampling_logp - logp`` above this is dropped (None: off).
+        entropy_mean: the entropy bonus is ``-entropy_coef`` times the masked token mean of
+            the entropy over the batch (TRL's definition; over the entropy-quantile mask's
+            tokens where it is on) instead of a per-token term aggregated like the loss.
     """
     temperature: float = 1.0
     objective: str = "clip"
@@ -200,6 +217,17 @@ class LossOptions(_Options):
     max_len: Optional[int] = None
     num_sequences: Optional[float] = None
     dp_size: int = 1
+    delta: Optional[float] = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    kl_bias_correction: bool = False
+    top_entropy_quantile: float = 1.0
+    off_policy_mask_threshold: Optional[float] = None
+    entropy_mean: bool = False
 
     def __post_init__(self) -> None:
         checked = dict(
@@ -223,6 +251,21 @@ class LossOptions(_Options):
             num_sequences=number("num_sequences", self.num_sequences, low=0.0, low_open=True,
                                  allow_none=True),
             dp_size=positive_int("dp_size", self.dp_size),
+            delta=number("delta", self.delta, low=0.0, low_open=True, allow_none=True),
+            sapo_temperature_pos=number("sapo_temperature_pos", self.sapo_temperature_pos,
+                                        low=0.0, low_open=True),
+            sapo_temperature_neg=number("sapo_temperature_neg", self.sapo_temperature_neg,
+                                        low=0.0, low_open=True),
+            vespo_k_pos=number("vespo_k_pos", self.vespo_k_pos),
+            vespo_lambda_pos=number("vespo_lambda_pos", self.vespo_lambda_pos),
+            vespo_k_neg=number("vespo_k_neg", self.vespo_k_neg),
+            vespo_lambda_neg=number("vespo_lambda_neg", self.vespo_lambda_neg),
+            kl_bias_correction=check_bool("kl_bias_correction", self.kl_bias_correction),
+            top_entropy_quantile=number("top_entropy_quantile", self.top_entropy_quantile,
+                                        low=0.0, high=1.0),
+            off_policy_mask_threshold=number("off_policy_mask_threshold",
+                                             self.off_policy_mask_threshold, allow_none=True),
+            entropy_mean=check_bool("entropy_mean", self.entropy_mean),
         )
         agg = resolve_aggregation(self.aggregation)
         if checked["dp_size"] > 1:
@@ -242,8 +285,19 @@ class LossOptions(_Options):
 
     @property
     def sequence_level(self) -> bool:
-        """Whether the objective couples the tokens of a sequence (a statistics pass first)."""
+        """Whether the importance ratio is per sequence (GSPO)."""
         return self.importance_sampling == "sequence"
+
+    @property
+    def statistics_first(self) -> bool:
+        """Whether a token's loss needs statistics of its sequence or of the batch, so the
+        loss runs as a statistics pass then a gradient pass (``twopass.py``): sequence-level
+        ratios, an objective with a per-sequence weight (VESPO), the entropy-quantile and
+        off-policy masks, and the batch-mean entropy bonus (where it differs per token)."""
+        return (self.sequence_level or OBJECTIVES[self.objective].sequence_weight is not None
+                or self.top_entropy_quantile < 1.0
+                or self.off_policy_mask_threshold is not None
+                or (self.entropy_mean and self.entropy_coef != 0))
 
     def kernel_params(self) -> tuple:
         """The scalar options in ``KERNEL_PARAMS`` order (None as 0.0), for the Triton kernel."""

@@ -86,10 +86,31 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (x.to(torch.float64) * m).sum() / m.sum().clamp(min=1.0)
 
 
+def high_entropy_mask(entropy: torch.Tensor, valid: torch.Tensor,
+                      quantile: float) -> torch.Tensor:
+    """TRL's ``get_high_entropy_mask`` on one batch: entropy >= the ``1 - quantile``
+    quantile of the valid tokens' entropies."""
+    values = entropy.detach()[valid]
+    if values.numel() == 0:
+        return torch.zeros_like(valid)
+    return (entropy.detach() >= torch.quantile(values, 1.0 - quantile)) & valid
+
+
+def off_policy_mask(logp: torch.Tensor, sampling_logp: torch.Tensor, valid: torch.Tensor,
+                    advantages: torch.Tensor, threshold: float) -> torch.Tensor:
+    """TRL's ``get_off_policy_mask``: keep ``A >= 0`` or a sequence mean drift <= threshold."""
+    m = valid.double()
+    drift = torch.nan_to_num(sampling_logp.double() - logp.detach(), nan=0.0)
+    mean = (drift * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return (advantages >= 0) | (mean <= threshold)
+
+
 def hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor, advantages: torch.Tensor,
               mask: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None,
               ref_logp: Optional[torch.Tensor] = None,
               teacher_mask: Optional[torch.Tensor] = None, ignore_index: int = IGNORE_INDEX,
+              rollout_is_weights: Optional[torch.Tensor] = None,
+              sampling_logp: Optional[torch.Tensor] = None,
               options: Optional[LossOptions] = None, **option_values: Any) -> LossOutput:
     """float64 loss of docs/design.md sections 3-5; ``loss`` is differentiable w.r.t.
     ``logits``. Takes the loss options of ``fused_hapo_loss`` (not ``rewards=``: pass
@@ -99,7 +120,9 @@ def hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor, advantages: torch.
     check_logits_and_targets(logits, target_ids, ignore_index, dtypes=REFERENCE_DTYPES)
     x = loss_inputs(logits, target_ids, advantages, opts, source_name="logits",
                     ignore_index=ignore_index, mask=mask, old_logp=old_logp,
-                    ref_logp=ref_logp, teacher_mask=teacher_mask, dtype=torch.float64)
+                    ref_logp=ref_logp, teacher_mask=teacher_mask,
+                    rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp,
+                    dtype=torch.float64)
     shape2d = (x.B, x.T)
 
     def rows(t):
@@ -109,12 +132,28 @@ def hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor, advantages: torch.
     logp, ent = log_probs(logits.reshape(*shape2d, logits.shape[-1]), targets.view(shape2d),
                           opts.temperature, ignore_index)
     v = x.valid.view(shape2d)
-    obj = token_objective(logp, ent, rows(x.advantages), v, old_logp=rows(x.old_logp),
+    adv = rows(x.advantages)
+    keep = torch.ones_like(v)
+    entropy_tokens = v
+    if opts.top_entropy_quantile < 1.0:
+        high = high_entropy_mask(ent, v, opts.top_entropy_quantile)
+        keep = keep & high
+        entropy_tokens = v & high
+    if opts.off_policy_mask_threshold is not None:
+        sampler = rows(x.sampling_logp)
+        if sampler is None:
+            sampler = rows(x.old_logp) if x.old_logp is not None else logp.detach()
+        keep = keep & off_policy_mask(logp, sampler, v, adv, opts.off_policy_mask_threshold)
+    obj = token_objective(logp, ent, adv, v, old_logp=rows(x.old_logp),
                           ref_logp=rows(x.ref_logp), teacher=x.teacher.view(shape2d),
+                          rollout_is=rows(x.rollout_is), policy_mask=keep.double(),
                           opts=opts)
+    loss = aggregate(obj.loss, v, opts)
+    if opts.entropy_mean and opts.entropy_coef != 0:      # TRL: a batch mean of the entropy
+        loss = loss - opts.entropy_coef * masked_mean(ent, entropy_tokens)
     zero = torch.zeros((), dtype=torch.float64, device=logp.device)
     return LossOutput(
-        loss=aggregate(obj.loss, v, opts),
+        loss=loss,
         per_token_logp=torch.where(v, logp, zero).detach().reshape(x.batch_shape),
         per_token_entropy=torch.where(v, ent, zero).detach().reshape(x.batch_shape),
         logp=masked_mean(logp.detach(), v),

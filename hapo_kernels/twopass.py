@@ -7,8 +7,10 @@ blocks (``head.HeadOps``). ``ops`` is anything with a backend's ``row_stats`` an
 ``grad_logits`` (``backends.Backend``):
 
 1. ``row_stats``: per row ``(logp, entropy, lse, sum_pz)``;
-2. ``objective.token_terms`` on all rows at once (shaped ``[B, T]``, or packed with
-   segments): the loss and the two per-token derivatives;
+2. the batch's and sequences' statistics (``masks.py``: the entropy-quantile and
+   off-policy masks, the batch-mean entropy bonus), then ``objective.token_terms`` on all
+   rows at once (shaped ``[B, T]``, or packed with segments): the loss and the two
+   per-token derivatives;
 3. ``grad_logits``: the gradient rows from those derivatives.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import masks
 from .inputs import LossInputs
 from .objective import token_terms
 from .options import LossOptions
@@ -32,8 +35,16 @@ def two_pass_loss(logits: Any, inputs: LossInputs, opts: LossOptions, out: Token
                                         inputs.ignore_index, out=stats)
     vec = inputs.sequence_vectors()
     shape = (inputs.B, inputs.T)
+    sampling = None if inputs.sampling_logp is None else inputs.sampling_logp.view(shape)
+    policy_mask, keep_h = masks.policy_mask(
+        logp.view(shape), ent.view(shape), vec["valid"], vec["advantages"], vec["old_logp"],
+        sampling, opts, inputs.segments, inputs.process_group)
+    entropy_weights = None
+    if opts.entropy_mean and opts.entropy_coef != 0:
+        entropy_weights = masks.entropy_mean_weights(vec["valid"], keep_h)
     terms = token_terms(logp.view(shape), ent.view(shape), **vec, opts=opts,
-                        need_grad=grad is not None)
+                        need_grad=grad is not None, policy_mask=policy_mask,
+                        entropy_weights=entropy_weights)
     out.write(slice(None), vec["valid"], logp.view(shape), ent.view(shape), terms)
     if grad is not None:
         g_ent = terms.g_entropy if opts.entropy_coef != 0 else None

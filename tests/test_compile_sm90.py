@@ -58,16 +58,19 @@ def test_grad_logits_kernel(x, has_logp, has_ent):
                      {"HAS_LOGP": has_logp, "HAS_ENT": has_ent, "BLOCK_V": 4096})
 
 
-# Every value of every flag of the loss kernel appears, and every objective of the table;
-# dtypes rotate through them.
+# Every value of every flag of the loss kernel appears, and every objective of the table
+# that has a kernel branch (one with a sequence weight runs statistics-first); dtypes rotate.
+KERNEL_OBJECTIVES = [o.code for o in OBJECTIVES.values() if o.sequence_weight is None]
 LOSS_VARIANTS = [dict(HAS_OLD=o, HAS_REF=r, HAS_DUAL=d, USE_KL=r and k, USE_ENT=e,
-                      TEACHER_OBJ=t, WRITE_GRAD=g, OBJECTIVE=i % len(OBJECTIVES))
-                 for i, (o, r, d, k, e, t, g) in enumerate([
-                     (True, True, True, True, True, 0, True),
-                     (False, False, False, False, False, 1, True),
-                     (True, True, False, False, True, 2, False),
-                     (False, True, True, True, False, 0, False),
-                     (True, False, True, False, True, 2, True)])]
+                      TEACHER_OBJ=t, WRITE_GRAD=g, HAS_DELTA=dl, KL_BIAS=r and k and kb,
+                      HAS_PW=pw, OBJECTIVE=KERNEL_OBJECTIVES[i % len(KERNEL_OBJECTIVES)])
+                 for i, (o, r, d, k, e, t, g, dl, kb, pw) in enumerate([
+                     (True, True, True, True, True, 0, True, True, True, True),
+                     (False, False, False, False, False, 1, True, False, False, False),
+                     (True, True, False, False, True, 2, False, True, False, True),
+                     (False, True, True, True, False, 0, False, False, True, False),
+                     (True, False, True, False, True, 2, True, True, False, True),
+                     (True, True, False, True, False, 1, True, False, False, True)])]
 
 
 @pytest.mark.parametrize("variant,x", list(zip(LOSS_VARIANTS, itertools.cycle(LOGIT_TYPES))))
@@ -80,7 +83,8 @@ def test_hapo_loss_kernel(variant, x):
                           ref_ptr=f32 if variant["HAS_REF"] else None, teacher_ptr="*i8",
                           w_ptr=f32, loss_ptr=f32, logp_ptr=f32, ent_ptr=f32, ratio_ptr=f32,
                           clip_lo_ptr="*i8", clip_hi_ptr="*i8",
-                          kl_ptr=f32 if variant["HAS_REF"] else None, dstride_b="i64",
+                          kl_ptr=f32 if variant["HAS_REF"] else None,
+                          pw_ptr=f32 if variant["HAS_PW"] else None, dstride_b="i64",
                           dstride_t="i64", n_rows="i32",
                           params=tuple("fp32" for _ in KERNEL_PARAMS), **ROW),
                      dict(variant, BLOCK_V=4096))

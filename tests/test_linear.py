@@ -391,3 +391,29 @@ def test_second_backward_refuses():
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.loss.backward()
+
+
+TRL_CASES = [  # TRL's options on the fused LM head: one pass and statistics-first
+    dict(old=True, ref=True, objective="sapo", beta=0.05, kl_bias_correction=True,
+         rollout="token"),
+    dict(old=True, objective="clip", delta=0.9, aggregation="luspo", rollout="seq"),
+    dict(old=True, ref=True, objective="vespo", beta=0.05, aggregation="dapo",
+         rollout="token"),
+    dict(old=True, objective="cispo", eps_high=1.5, top_entropy_quantile=0.5,
+         entropy_coef=0.05, entropy_mean=True, off_policy_mask_threshold=0.0),
+]
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS, ids=["rows4", "rows7-vocab8", "default"])
+@pytest.mark.parametrize("case", TRL_CASES, ids=["sapo", "delta-luspo", "vespo", "masks"])
+def test_trl_options_match_reference(backend, case, chunking):
+    make, opts = split_case(case)
+    rollout = opts.pop("rollout", None)
+    hidden, weight, bias, y, A, kw = make_inputs(**make)
+    g = torch.Generator().manual_seed(11)
+    if rollout is not None:
+        w = torch.rand(y.shape if rollout == "token" else y.shape[:1], generator=g) * 2
+        kw["rollout_is_weights"] = w
+    ref, ref_grads = reference(hidden, weight, bias, y, A, kw, opts)
+    out, grads = ours(hidden, weight, bias, y, A, kw, opts, **chunking)
+    check(out, grads, ref, ref_grads, 2e-5, 2e-5)

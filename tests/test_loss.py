@@ -30,8 +30,22 @@ OPTION_VALUES = {
     "dual_clip": [None, 3.0],
     "entropy_coef": [0.0, 0.01],
     "temperature": [1.0, 0.7],
+    # TRL's options: delta below, inside and above the clip range; the bias-corrected KL;
+    # the statistics-first masks and the batch-mean entropy bonus; the SAPO / VESPO knobs.
+    "delta": [None, 0.9, 1.1, 2.0],
+    "kl_bias_correction": [False, True],
+    "top_entropy_quantile": [1.0, 0.4],
+    "off_policy_mask_threshold": [None, 0.05],
+    "entropy_mean": [False, True],
+    "sapo_temperature_pos": [1.0, 2.5],
+    "vespo_k_neg": [3.0, 1.5],
 }
+# The options whose every combination test_full_option_product_cpu runs.
+PRODUCT_OPTIONS = ("objective", "importance_sampling", "teacher_objective", "beta",
+                   "dual_clip", "entropy_coef", "temperature")
 INPUT_VALUES = {
+    "rollout_is": [None, "token", "sequence"],
+    "sampling": [False, True],
     "old": [True, False],
     "per_token_adv": [False, True],
     "per_token_teacher": [False, True],
@@ -40,7 +54,7 @@ INPUT_VALUES = {
 }
 
 
-def pairwise_configs(n=30):
+def pairwise_configs(n=40):
     """n configurations covering every value of every option several times.
 
     Each option runs through balanced, independently shuffled cycles of its values, so
@@ -69,8 +83,11 @@ def pairwise_configs(n=30):
 
 
 def make_inputs(shape, *, dtype=torch.float32, old=True, per_token_adv=False,
-                per_token_teacher=False, packed=False, seed=0):
-    """Fresh random inputs: a fully masked sequence, an ignore_index target, teacher rows."""
+                per_token_teacher=False, packed=False, seed=0, rollout_is=None,
+                sampling=False):
+    """Fresh random inputs: a fully masked sequence, an ignore_index target, teacher rows;
+    rollout importance weights per ``"token"`` or ``"sequence"`` (some 0, as TRL's mask
+    modes make), the sampler's log-probs."""
     g = torch.Generator().manual_seed(seed)
     B, T, V = shape
     x = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
@@ -91,6 +108,12 @@ def make_inputs(shape, *, dtype=torch.float32, old=True, per_token_adv=False,
         teacher = torch.zeros(B, dtype=torch.bool)
         teacher[0] = True
     kw = dict(mask=mask, old_logp=old_logp, ref_logp=ref_logp, teacher_mask=teacher)
+    if rollout_is is not None:
+        w = torch.rand(B, T if rollout_is == "token" else 1, generator=g) * 2
+        w[0, 0] = 0.0                      # a masked-out ratio
+        kw["rollout_is_weights"] = w if rollout_is == "token" else w[:, 0]
+    if sampling:
+        kw["sampling_logp"] = (logp_true + 0.2 * torch.randn(B, T, generator=g)).float()
     if packed:   # one sequence [N, V]
         x, y = x.reshape(B * T, V), y.reshape(B * T)
         adv = adv.reshape(-1) if per_token_adv else adv[:1]
@@ -171,6 +194,8 @@ def split(cfg):
     opts = {k: v for k, v in cfg.items() if k in OPTION_VALUES or k in
             ("aggregation", "normalizer", "max_len", "num_sequences", "dp_size")}
     inputs = {k: v for k, v in cfg.items() if k in INPUT_VALUES and k != "shape"}
+    if opts["objective"] == "vespo" and inputs.get("rollout_is") == "sequence":
+        inputs["rollout_is"] = "token"     # VESPO takes per-token weights only (TRL too)
     return opts, inputs
 
 
@@ -190,8 +215,8 @@ def test_full_option_product_cpu():
     Aggregation only sets the weights, so it cycles along instead of multiplying the count.
     """
     x, y, adv, kw = make_inputs((3, 4, 11), seed=1)
-    names = list(OPTION_VALUES)
-    combos = list(itertools.product(*OPTION_VALUES.values()))
+    names = list(PRODUCT_OPTIONS)
+    combos = list(itertools.product(*(OPTION_VALUES[n] for n in names)))
     with force_backend("cpu"):
         for i, vals in enumerate(combos):
             agg, extra = AGGREGATIONS[i % len(AGGREGATIONS)]
@@ -659,3 +684,41 @@ def test_cuda_persistent_grid_large_vocab_bf16(k):
     assert torch.equal(xp.grad, xg.grad) and out_p.loss.item() == out.loss.item()
     _check(x, y, adv, kw, xp.grad, out_p, dict(beta=0.04, entropy_coef=0.01), torch.bfloat16)
 
+
+
+FUSED_KERNEL_CONFIGS = [  # token-level options the one-pass kernel runs (no statistics pass)
+    dict(objective=o, delta=d, kl_bias_correction=k, beta=0.1, rollout_is=r, dtype=dt)
+    for (o, d, k, r), dt in zip(itertools.product(
+        ["clip", "cispo", "sapo"], [None, 0.9, 1.1, 2.0], [False, True],
+        [None, "token", "sequence"]), itertools.cycle([torch.float32, torch.bfloat16]))
+    if o == "clip" or d is None]
+
+
+@pytest.mark.parametrize("cfg", FUSED_KERNEL_CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_one_pass_options_match_reference(backend, cfg):
+    """delta, SAPO, the bias-corrected KL and rollout importance weights stay one pass."""
+    cfg = dict(cfg)
+    dtype, rollout_is = cfg.pop("dtype"), cfg.pop("rollout_is")
+    opts = dict(cfg, eps_high=0.28, sapo_temperature_neg=1.7)
+    assert not hk.LossOptions(**opts).statistics_first
+    x, y, adv, kw = make_inputs((3, 5, 37), dtype=dtype, rollout_is=rollout_is, seed=7)
+    out, grad = run_ours(x, y, adv, kw, **opts)
+    ref, ref_grad = run_reference(x, y, adv, kw, **opts)
+    assert_close_to_reference(out, grad, ref, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("opts, kw_extra, word", [
+    (dict(delta=0.0), {}, "delta"),
+    (dict(sapo_temperature_pos=-1.0), {}, "sapo_temperature_pos"),
+    (dict(top_entropy_quantile=1.5), {}, "top_entropy_quantile"),
+    (dict(kl_bias_correction=1), {}, "kl_bias_correction"),
+    (dict(entropy_mean="yes"), {}, "entropy_mean"),
+    (dict(), dict(rollout_is_weights=-torch.ones(3, 5)), "rollout_is_weights"),
+    (dict(), dict(rollout_is_weights=torch.ones(3, 4)), "rollout_is_weights"),
+    (dict(objective="vespo"), dict(rollout_is_weights=torch.ones(3)), "rollout_is_weights"),
+    (dict(), dict(sampling_logp=torch.zeros(3)), "sampling_logp"),
+])
+def test_bad_trl_options_raise(opts, kw_extra, word):
+    x, y, adv, kw = make_inputs((3, 5, 11))
+    with pytest.raises(ValueError, match=word):
+        hk.fused_hapo_loss(x, y, adv, **kw, **kw_extra, **opts)

@@ -132,3 +132,82 @@ def test_kl_and_entropy_terms_by_hand():
     assert out0["kl"].item() == pytest.approx(k3) and out0["loss"].item() == pytest.approx(-1.0)
 
 
+
+
+def grad_of(logp_values, A_values, old_values, ref_values=None, **opts):
+    """(loss, d loss / d logp) of token_objective on [1, T] float64 rows."""
+    logp = torch.tensor([logp_values], dtype=torch.float64, requires_grad=True)
+    A = torch.tensor([A_values], dtype=torch.float64)
+    old = torch.tensor([old_values], dtype=torch.float64)
+    ref = None if ref_values is None else torch.tensor([ref_values], dtype=torch.float64)
+    out = token_objective(logp, torch.zeros_like(logp), A, torch.ones_like(A, dtype=torch.bool),
+                          old_logp=old, ref_logp=ref, opts=LossOptions(**opts))
+    out.loss.sum().backward()
+    return out, logp.grad[0]
+
+
+def test_delta_below_the_clip_range_by_hand():
+    # delta = 0.9 < 1 + eps_high = 1.2. rho = 1.1, A = -1: -min(0.9 * -1, 1.1 * -1) = 1.1 via
+    # the clip branch, inside the clip range: gradient -A rho = 1.1 (TRL's autograd).
+    # rho = 1.1, A = +1: -min(0.9, 1.1) = -0.9, the capped branch: no gradient.
+    # rho = 0.5, A = +1: -min(0.5, 0.8) = -0.5, gradient -rho = -0.5.
+    r = [math.log(1.1), math.log(1.1), math.log(0.5)]
+    out, g = grad_of([0.0] * 3, [-1.0, 1.0, 1.0], [-x for x in r], delta=0.9)
+    torch.testing.assert_close(out.loss[0], torch.tensor([1.1, -0.9, -0.5], dtype=torch.float64))
+    torch.testing.assert_close(g, torch.tensor([1.1, 0.0, -0.5], dtype=torch.float64))
+    # The clip flags count on the capped ratio (TRL): min(1.1, 0.9) is inside the range.
+    assert not out.clip_high.any() and not out.clip_low.any()
+    # delta = 1.5 above the clip range is verl's dual clip at c = 1.5 for A < 0.
+    out, _ = grad_of([0.0], [-1.0], [-math.log(2.0)], delta=1.5)
+    assert out.loss.item() == pytest.approx(1.5)
+
+
+def test_sapo_by_hand():
+    # tau = 1 for A > 0, 1.05 otherwise: l = -(4 / tau) sigmoid(tau (rho - 1)) A.
+    r = math.log(1.3)
+    out, g = grad_of([0.0, 0.0], [2.0, -1.0], [-r, -r], objective="sapo")
+    sig = [1 / (1 + math.exp(-0.3)), 1 / (1 + math.exp(-1.05 * 0.3))]
+    want = [-4.0 * sig[0] * 2.0, 4.0 / 1.05 * sig[1]]
+    torch.testing.assert_close(out.loss[0], torch.tensor(want, dtype=torch.float64))
+    want_g = [-4.0 * sig[0] * (1 - sig[0]) * 1.3 * 2.0, 4.0 * sig[1] * (1 - sig[1]) * 1.3]
+    torch.testing.assert_close(g, torch.tensor(want_g, dtype=torch.float64))
+    # At rho = 1 the soft gate weighs -2 A (sigmoid(0) * 4), gradient -A (like PPO's).
+    out, g = grad_of([0.0], [1.0], [0.0], objective="sapo", sapo_temperature_pos=7.0)
+    assert out.loss.item() == pytest.approx(-4.0 / 7.0 * 0.5)
+    assert g.item() == pytest.approx(-1.0)
+
+
+def test_vespo_by_hand():
+    # A sequence of two tokens, log-ratios 0.2 and 0.1: log w = 0.3; A >= 0: k = 2, lambda = 3.
+    # phi = exp(3 + 2 * 0.3 - 3 e^0.3); l = -phi A logp, no gradient through phi.
+    out, g = grad_of([-1.0, -2.0], [0.5, 0.5], [-1.2, -2.1], objective="vespo")
+    phi = math.exp(3.0 + 2 * 0.3 - 3.0 * math.exp(0.3))
+    torch.testing.assert_close(out.loss[0], torch.tensor([phi * 0.5, phi * 1.0],
+                                                         dtype=torch.float64))
+    torch.testing.assert_close(g, torch.tensor([-phi * 0.5] * 2, dtype=torch.float64))
+    # On-policy (w = 1): phi = exp(lambda + 0 - lambda) = 1 for either sign of A.
+    out, g = grad_of([-1.0], [-2.0], [-1.0], objective="vespo")
+    assert out.loss.item() == pytest.approx(-2.0) and g.item() == pytest.approx(2.0)
+
+
+def test_bias_corrected_kl_by_hand():
+    # rho = e^0.3, d = ref - logp = 0.4: KL = rho k3; d(rho k3)/dlogp = rho (logp - ref).
+    rho, d = math.exp(0.3), 0.4
+    out, g = grad_of([-1.0], [0.0], [-1.3], [-0.6], beta=1.0, kl_bias_correction=True)
+    k3 = math.exp(d) - d - 1.0
+    assert out.kl.item() == pytest.approx(rho * k3)
+    assert out.loss.item() == pytest.approx(rho * k3)
+    assert g.item() == pytest.approx(-rho * d)
+
+
+def test_rollout_weights_multiply_the_policy_term_only():
+    logp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64)
+    A = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    ref = torch.tensor([[-0.5, -2.5]], dtype=torch.float64)
+    w = torch.tensor([[0.5, 0.0]], dtype=torch.float64)
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    opts = LossOptions(beta=0.1)
+    plain = token_objective(logp, None, A, valid, ref_logp=ref, opts=opts)
+    weighted = token_objective(logp, None, A, valid, ref_logp=ref, rollout_is=w, opts=opts)
+    kl = 0.1 * plain.kl
+    torch.testing.assert_close(weighted.loss, w * (plain.loss - kl) + kl)

@@ -37,6 +37,9 @@ from .rows import block_v, num_warps, row_grid, row_offset
     "HAS_REF": lambda args: args["ref_ptr"] is not None,
     "WRITE_GRAD": lambda args: args["dx_ptr"] is not None,
     "HAS_DUAL": lambda args: args["params"][KERNEL_PARAMS.index("dual_clip")] > 0,
+    "HAS_DELTA": lambda args: args["params"][KERNEL_PARAMS.index("delta")] > 0,
+    "KL_BIAS": lambda args: args["params"][KERNEL_PARAMS.index("kl_bias_correction")] != 0,
+    "HAS_PW": lambda args: args["pw_ptr"] is not None,
     "USE_KL": lambda args: args["params"][KERNEL_PARAMS.index("beta")] > 0,
     "USE_ENT": lambda args: args["params"][KERNEL_PARAMS.index("entropy_coef")] != 0,
     "BLOCK_V": lambda args: block_v(args["V"]),
@@ -45,10 +48,11 @@ from .rows import block_v, num_warps, row_grid, row_offset
 def hapo_loss_kernel(
         x_ptr, dx_ptr, y_ptr, valid_ptr, adv_ptr, old_ptr, ref_ptr, teacher_ptr, w_ptr,
         loss_ptr, logp_ptr, ent_ptr, ratio_ptr, clip_lo_ptr, clip_hi_ptr, kl_ptr,
-        n_rows, T, V, stride_b, stride_t, dstride_b, dstride_t, inv_temp, params,
+        n_rows, T, V, stride_b, stride_t, dstride_b, dstride_t, inv_temp, params, pw_ptr,
         OBJECTIVE: tl.constexpr, TEACHER_OBJ: tl.constexpr,
         HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        HAS_DUAL: tl.constexpr, USE_KL: tl.constexpr, USE_ENT: tl.constexpr,
+        HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr, USE_KL: tl.constexpr,
+        KL_BIAS: tl.constexpr, USE_ENT: tl.constexpr, HAS_PW: tl.constexpr,
         BLOCK_V: tl.constexpr):
     cols = tl.arange(0, BLOCK_V)
     # One row per program, or a persistent grid (triton/rows.py): rows pid, pid + grid, ...
@@ -77,9 +81,12 @@ def hapo_loss_kernel(
         ref = logp
         if HAS_REF:
             ref = tl.where(valid, tl.load(ref_ptr + row), logp)
+        pw = 1.0                                   # rollout importance weight
+        if HAS_PW:
+            pw = tl.load(pw_ptr + row)
         loss, g_logp, g_ent, rho, kl, clip_lo, clip_hi = token_objective(
-            logp, ent, A, old, ref, is_teacher, valid, params, OBJECTIVE, TEACHER_OBJ,
-            HAS_DUAL, USE_KL, USE_ENT)
+            logp, ent, A, old, ref, is_teacher, valid, pw, params, OBJECTIVE, TEACHER_OBJ,
+            HAS_DUAL, HAS_DELTA, USE_KL, KL_BIAS, USE_ENT)
         tl.store(loss_ptr + row, tl.where(valid, wt * loss, 0.0))
         tl.store(logp_ptr + row, logp)
         tl.store(ent_ptr + row, ent)
@@ -116,6 +123,10 @@ def token_loss(logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
     rows = inputs.rows
     if rows == 0:
         return
+    if opts.statistics_first:
+        raise ValueError(f"the fused token-level kernel cannot run options that need "
+                         f"sequence or batch statistics ({opts.objective!r}, ...); "
+                         "twopass.two_pass_loss runs them")
     L = row_layout(logits)
     D = row_layout(grad) if grad is not None else L
     block = block_v(L.V)
@@ -124,7 +135,7 @@ def token_loss(logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
         inputs.old_logp, inputs.ref_logp, inputs.teacher.to(torch.int8), inputs.weights,
         out.loss, out.logp, out.entropy, out.ratio, out.clip_low, out.clip_high, out.kl,
         rows, L.T, L.V, L.stride_b, L.stride_t, D.stride_b, D.stride_t,
-        1.0 / opts.temperature, opts.kernel_params(),
+        1.0 / opts.temperature, opts.kernel_params(), inputs.rollout_is,
         OBJECTIVE=OBJECTIVES[opts.objective].code,
         TEACHER_OBJ=TEACHER_OBJECTIVES[opts.teacher_objective].code,
         num_warps=num_warps(block))

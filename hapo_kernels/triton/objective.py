@@ -16,6 +16,8 @@ from ..options import KERNEL_PARAMS
 # Objective codes (the OBJECTIVE / TEACHER_OBJ constexprs).
 CLIP = tl.constexpr(OBJECTIVES["clip"].code)
 CISPO = tl.constexpr(OBJECTIVES["cispo"].code)
+SAPO = tl.constexpr(OBJECTIVES["sapo"].code)
+# VESPO's per-sequence weight needs a statistics pass: it never reaches this kernel.
 SHAPED = tl.constexpr(TEACHER_OBJECTIVES["shaped"].code)
 SFT = tl.constexpr(TEACHER_OBJECTIVES["sft"].code)
 RATIO = tl.constexpr(TEACHER_OBJECTIVES["ratio"].code)
@@ -33,11 +35,14 @@ BETA = param("beta")
 ENTROPY_COEF = param("entropy_coef")
 TEACHER_GAMMA = param("teacher_gamma")
 SFT_WEIGHT = param("sft_weight")
+DELTA = param("delta")
+SAPO_POS = param("sapo_temperature_pos")
+SAPO_NEG = param("sapo_temperature_neg")
 
 
 @triton.jit
 def on_policy_objective(logp, A, rho, params, OBJECTIVE: tl.constexpr,
-                        HAS_DUAL: tl.constexpr):
+                        HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr):
     """``(l, dl/dlogp, clipped low, clipped high)`` of an on-policy token with ratio ``rho``
     (``d rho / d logp = rho`` for token-level ratios)."""
     eps_low = params[EPS_LOW]
@@ -48,20 +53,37 @@ def on_policy_objective(logp, A, rho, params, OBJECTIVE: tl.constexpr,
         g_logp = -weight * A
         low = rho < 0.0                            # no lower bound: never
         high = (rho > eps_high) & (A > 0)
-    else:                                          # CLIP: l = -min(rho A, clip(rho) A)
-        # The clipped branch is constant in logp.
+    elif OBJECTIVE == SAPO:                        # l = -(4 / tau) sigmoid(tau (rho - 1)) A
+        tau = tl.where(A > 0, params[SAPO_POS], params[SAPO_NEG])
+        sig = 1.0 / (1.0 + tl.exp(-tau * (rho - 1.0)))
+        loss = -sig * (4.0 / tau) * A
+        g_logp = -4.0 * sig * (1.0 - sig) * rho * A
+        low = rho < 0.0                            # no clip: never
+        high = low
+    else:                                          # CLIP: l = -min(min(rho, delta) A, clip(rho) A)
         clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
-        unclipped_obj = rho * A
+        capped = rho
+        g_unclipped = -A * rho
+        if HAS_DELTA:                              # TRL's delta caps the unclipped branch
+            capped = tl.minimum(rho, params[DELTA])
+            g_unclipped = tl.where(rho <= params[DELTA], g_unclipped, 0.0)
+        unclipped_obj = capped * A
         clipped_obj = clipped * A
         loss = -tl.minimum(unclipped_obj, clipped_obj)
-        g_logp = tl.where(unclipped_obj <= clipped_obj, -A * rho, 0.0)
+        # The clipped branch moves with logp only inside the clip range; on a tie each
+        # branch takes half (torch.minimum's rule), which sums to the full gradient there.
+        in_range = (rho >= 1.0 - eps_low) & (rho <= 1.0 + eps_high)
+        g_clipped = tl.where(in_range, -A * rho, 0.0)
+        g_logp = tl.where(unclipped_obj < clipped_obj, g_unclipped,
+                          tl.where(clipped_obj < unclipped_obj, g_clipped,
+                                   0.5 * (g_unclipped + g_clipped)))
         if HAS_DUAL:                               # A < 0: l = min(l, -c A)
             cap = -params[DUAL_CLIP] * A
-            capped = (A < 0) & (loss > cap)
-            loss = tl.where(capped, cap, loss)
-            g_logp = tl.where(capped, 0.0, g_logp)
-        low = (rho < 1.0 - eps_low) & (A < 0)
-        high = (rho > 1.0 + eps_high) & (A > 0)
+            dual = (A < 0) & (loss > cap)
+            loss = tl.where(dual, cap, loss)
+            g_logp = tl.where(dual, 0.0, g_logp)
+        low = (capped < 1.0 - eps_low) & (A < 0)  # TRL counts on the delta-capped ratio
+        high = (capped > 1.0 + eps_high) & (A > 0)
     return loss, g_logp, low, high
 
 
@@ -84,12 +106,19 @@ def teacher_objective(logp, A, on_policy_loss, on_policy_grad, params,
 
 
 @triton.jit
-def token_objective(logp, ent, A, old, ref, is_teacher, valid, params,
+def token_objective(logp, ent, A, old, ref, is_teacher, valid, policy_weight, params,
                     OBJECTIVE: tl.constexpr, TEACHER_OBJ: tl.constexpr,
-                    HAS_DUAL: tl.constexpr, USE_KL: tl.constexpr, USE_ENT: tl.constexpr):
-    """A token's loss ``l``, ``dl/dlogp``, ``dl/dentropy``, ratio, k3 KL and clip flags."""
+                    HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr, USE_KL: tl.constexpr,
+                    KL_BIAS: tl.constexpr, USE_ENT: tl.constexpr):
+    """A token's loss ``l``, ``dl/dlogp``, ``dl/dentropy``, ratio, KL and clip flags.
+
+    ``policy_weight`` (the rollout importance weight; 1.0 without one) multiplies the
+    on-policy objective only, not the KL or the entropy bonus."""
     rho = tl.exp(logp - old)
-    pg, g_pg, low, high = on_policy_objective(logp, A, rho, params, OBJECTIVE, HAS_DUAL)
+    pg, g_pg, low, high = on_policy_objective(logp, A, rho, params, OBJECTIVE, HAS_DUAL,
+                                              HAS_DELTA)
+    pg = pg * policy_weight
+    g_pg = g_pg * policy_weight
     l_t, g_t = teacher_objective(logp, A, pg, g_pg, params, TEACHER_OBJ)
     loss = tl.where(is_teacher, l_t, pg)
     g_logp = tl.where(is_teacher, g_t, g_pg)
@@ -97,9 +126,13 @@ def token_objective(logp, ent, A, old, ref, is_teacher, valid, params,
     d = ref - logp                                 # k3: exp(d) - d - 1, d = ref - logp
     ed = tl.exp(d)
     kl = ed - d - 1.0
+    g_kl = 1.0 - ed
+    if KL_BIAS:                                    # TRL: rho k3; d(rho k3)/dlogp = -rho d
+        kl = rho * kl
+        g_kl = -rho * d
     if USE_KL:
         loss += params[BETA] * kl
-        g_logp += params[BETA] * (1.0 - ed)
+        g_logp += params[BETA] * g_kl
     g_ent = 0.0
     if USE_ENT:
         loss -= params[ENTROPY_COEF] * ent
