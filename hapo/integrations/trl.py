@@ -5,11 +5,16 @@ checkpoints) is TRL's own. What changes:
 
 * per-token log-probs and entropies come from ``hk.selective_log_softmax`` on the model's
   logits (TRL: its chunked fused LM head / ``selective_log_softmax``);
-* the loss is one ``hk.fused_hapo_loss`` call honouring ``GRPOConfig``'s ``loss_type``
-  (grpo, bnpo, dr_grpo, dapo with TRL's ``num_items_in_batch`` normaliser), ``epsilon``,
-  ``epsilon_high``, ``beta``, ``temperature``, ``importance_sampling_level`` and ``delta``
-  (our ``dual_clip``). ``scale_rewards`` and ``mask_truncated_completions`` act where TRL
-  scores completions and are kept (HAPO uses ``scale_rewards`` for its advantages);
+* the loss is one ``hk.fused_hapo_loss`` call honouring every loss option of
+  ``GRPOConfig``: each ``loss_type`` (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo,
+  with TRL's normalisers and gradient-accumulation scaling), ``epsilon``,
+  ``epsilon_high``, ``delta``, ``beta`` with ``use_bias_correction_kl``, ``temperature``,
+  ``importance_sampling_level``, the SAPO and VESPO parameters, vLLM's
+  ``importance_sampling_ratio`` (every ``vllm_importance_sampling_mode``),
+  ``top_entropy_quantile``, ``off_policy_mask_threshold``, ``entropy_coef`` and
+  ``use_adaptive_entropy`` (TRL's controller, state and checkpoint file included), and the
+  MoE router auxiliary loss. ``scale_rewards`` and ``mask_truncated_completions`` act where
+  TRL scores completions and are kept (HAPO uses ``scale_rewards`` for its advantages);
 * with ``hapo=HAPOConfig(...)``, a dataset column holds each prompt's teacher
   demonstration; where TRL scores a generation batch the gate decides per group whether to
   inject, SSI (``hapo.inject_successes``) puts the demonstration in place of the worst
@@ -20,7 +25,7 @@ checkpoints) is TRL's own. What changes:
   ``hk.fused_linear_hapo_loss``): the completion logits are never materialised.
 
 A ``GRPOConfig`` option this trainer cannot honour raises ``ValueError`` at construction
-(``unsupported_options`` lists them); none is ignored silently.
+(``unsupported_options`` lists them with the reason); none is ignored silently.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from trl.trainer.utils import nanmax, nanmin, use_adapter
 
 import hapo_kernels as hk
 from hapo_kernels import LossOptions
+from hapo_kernels.objective import OBJECTIVES
 from hapo_kernels.options import IGNORE_INDEX
 
 from ..config import HAPOConfig
@@ -44,7 +50,13 @@ from ..ssi import inject_successes
 __all__ = ["HAPOGRPOTrainer", "unsupported_options", "SUPPORTED_LOSS_TYPES", "TESTED_TRL"]
 
 TESTED_TRL = "1.16.0"       # the version `make test-integrations` checks against TRL's own loss
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+# TRL's loss_type as (objective, aggregation); dapo, cispo and vespo divide by TRL's
+# num_items_in_batch normaliser, the rest by gradient accumulation.
+_LOSS_TYPES = {"grpo": ("clip", "grpo"), "bnpo": ("clip", "bnpo"),
+               "dr_grpo": ("clip", "dr_grpo"), "dapo": ("clip", "dapo"),
+               "luspo": ("clip", "luspo"), "cispo": ("cispo", "dapo"),
+               "sapo": ("sapo", "grpo"), "vespo": ("vespo", "dapo")}
 
 # HAPOConfig fields (and fields of its loss / advantages options) that GRPOConfig owns in
 # this trainer: they must stay at their defaults (set the GRPOConfig field instead) so that
@@ -54,9 +66,17 @@ _OWNED_BY_GRPO_CONFIG = {
     "eos_token_id": "the tokenizer's eos token", "pad_token_id": "the tokenizer's pad token",
     "advantages.scale": "scale_rewards", "loss.temperature": "temperature",
     "loss.eps_low": "epsilon", "loss.eps_high": "epsilon_high", "loss.dual_clip": "delta",
-    "loss.beta": "beta", "loss.entropy_coef": "entropy_coef",
+    "loss.delta": "delta", "loss.beta": "beta", "loss.entropy_coef": "entropy_coef",
+    "loss.entropy_mean": "entropy_coef", "loss.kl_bias_correction": "use_bias_correction_kl",
     "loss.importance_sampling": "importance_sampling_level", "loss.aggregation": "loss_type",
-    "loss.normalizer": "loss_type", "loss.max_len": "max_completion_length",
+    "loss.objective": "loss_type", "loss.normalizer": "loss_type",
+    "loss.max_len": "max_completion_length",
+    "loss.sapo_temperature_pos": "sapo_temperature_pos",
+    "loss.sapo_temperature_neg": "sapo_temperature_neg", "loss.vespo_k_pos": "vespo_k_pos",
+    "loss.vespo_lambda_pos": "vespo_lambda_pos", "loss.vespo_k_neg": "vespo_k_neg",
+    "loss.vespo_lambda_neg": "vespo_lambda_neg",
+    "loss.top_entropy_quantile": "top_entropy_quantile",
+    "loss.off_policy_mask_threshold": "off_policy_mask_threshold",
     "ppo_epochs": "num_iterations", "micro_batch_size": "per_device_train_batch_size",
     "max_grad_norm": "max_grad_norm", "seed": "seed", "progress": "disable_tqdm",
 }
@@ -69,26 +89,21 @@ def _field(config, dotted: str):
 
 
 def unsupported_options(args: GRPOConfig, hapo: Optional[HAPOConfig] = None) -> list:
-    """Human-readable reasons why ``args`` (and ``hapo``) cannot run on this trainer."""
+    """Human-readable reasons why ``args`` (and ``hapo``) cannot run on this trainer.
+
+    Every loss option of TRL 1.16's text-model ``GRPOTrainer`` is honoured. What remains:
+    a ``loss_type`` TRL itself does not know, SAPO temperatures <= 0 (TRL divides by them),
+    and with HAPO a multi-objective aggregation other than TRL's default (SSI needs one
+    scalar reward per rollout) or a ``HAPOConfig`` field that ``GRPOConfig`` owns here.
+    Multimodal inputs raise when they arrive (the trainer is text-only).
+    """
     bad = []
     if args.loss_type not in SUPPORTED_LOSS_TYPES:
         bad.append(f"loss_type={args.loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})")
-    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    # TRL's two-sided clip caps the ratio at delta before the PPO min; that is the dual clip
-    # min(l, -delta*A) of docs/design.md section 4 only when delta lies above the clip range.
-    if args.delta is not None and not args.delta > 1.0 + eps_high:
-        bad.append(f"delta={args.delta} (must be > 1 + epsilon_high = {1.0 + eps_high})")
-    if args.beta != 0.0 and args.use_bias_correction_kl:
-        bad.append("beta != 0 with use_bias_correction_kl=True (the KL term is the plain k3 "
-                   "estimator; set use_bias_correction_kl=False)")
-    if args.top_entropy_quantile < 1.0:
-        bad.append(f"top_entropy_quantile={args.top_entropy_quantile} (high-entropy token masking)")
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        bad.append("entropy_coef / use_adaptive_entropy (TRL's entropy bonus)")
-    if args.off_policy_mask_threshold is not None:
-        bad.append("off_policy_mask_threshold (off-policy sequence masking)")
-    if args.use_vllm and args.vllm_importance_sampling_correction:
-        bad.append("use_vllm with vllm_importance_sampling_correction=True")
+    if args.loss_type == "sapo":
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not getattr(args, name) > 0:
+                bad.append(f"{name}={getattr(args, name)} (SAPO divides by it: must be > 0)")
     if hapo is not None:
         if args.multi_objective_aggregation != "sum_then_normalize":
             bad.append(f"multi_objective_aggregation={args.multi_objective_aggregation!r} with "
@@ -191,9 +206,6 @@ class HAPOGRPOTrainer(GRPOTrainer):
             raise ValueError("HAPOGRPOTrainer cannot honour these GRPOConfig options: "
                              + "; ".join(bad))
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
-        if self.aux_loss_enabled:
-            raise ValueError("HAPOGRPOTrainer cannot honour the MoE router auxiliary loss "
-                             "(router_aux_loss_coef); set router_aux_loss_coef=0.0")
         self.hapo = hapo
         self.teacher_column = teacher_column
         self._hapo_gate = None
@@ -209,10 +221,20 @@ class HAPOGRPOTrainer(GRPOTrainer):
                                  f"{teacher_column!r}; the train dataset has {cols}")
             self._hapo_gate = hapo.make_gate()
         # The loss options, built and checked once here: a bad value fails at construction.
+        objective, aggregation = _LOSS_TYPES[self.loss_type]
         self._loss_options = (hapo.loss if hapo else LossOptions()).replace(
             temperature=self.temperature, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
-            dual_clip=args.delta, beta=self.beta,
-            importance_sampling=self.importance_sampling_level, aggregation=self.loss_type)
+            objective=objective, aggregation=aggregation,
+            delta=args.delta if objective == "clip" else None,    # TRL ignores it elsewhere
+            beta=self.beta, kl_bias_correction=bool(args.use_bias_correction_kl),
+            importance_sampling=self.importance_sampling_level,
+            sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+            vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
+            top_entropy_quantile=self.top_entropy_quantile,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            entropy_mean=True)
         # The logits' storage takes their gradient unless the model's forward saved them for
         # its own backward (a tanh soft-cap does); autograd would refuse that loudly.
         text_config = self.model.config.get_text_config()
@@ -249,6 +271,10 @@ class HAPOGRPOTrainer(GRPOTrainer):
         if self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3):
             raise ValueError("fused_linear=True reads lm_head.weight directly; it cannot run "
                              "with FSDP or DeepSpeed ZeRO-3, which shard it")
+        if self.aux_loss_enabled:
+            raise ValueError("fused_linear=True runs the decoder without the model's head, so "
+                             "there is no MoE router auxiliary loss; use fused_linear=False or "
+                             "router_aux_loss_coef=0.0")
         output_head(self.model)             # a clear error now if there is no LM head
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         _add_hidden_state_forward(policy)
@@ -263,12 +289,18 @@ class HAPOGRPOTrainer(GRPOTrainer):
         logits are a fresh contiguous tensor that nothing else holds: the loss can write
         their gradient into them (``inplace_grad``) instead of allocating a second copy.
         """
+        return self._completion_forward(model, input_ids, attention_mask, logits_to_keep).logits
+
+    def _completion_forward(self, model, input_ids, attention_mask, logits_to_keep,
+                            router_logits=False):
+        """The model's output with ``logits`` for the last ``logits_to_keep`` tokens (see
+        ``_completion_logits``) and, with ``router_logits``, a MoE model's ``aux_loss``."""
         L = input_ids.size(1)
         keep = torch.arange(L - logits_to_keep - 1, L - 1, device=input_ids.device)
+        extra = {"output_router_logits": True} if router_logits else {}
         with self.accelerator.autocast():
-            out = model(input_ids=input_ids, attention_mask=attention_mask,
-                        logits_to_keep=keep, use_cache=False)
-        return out.logits
+            return model(input_ids=input_ids, attention_mask=attention_mask,
+                         logits_to_keep=keep, use_cache=False, **extra)
 
     def _completion_hidden(self, model, input_ids, attention_mask, logits_to_keep):
         """Fused-linear path: ``(hidden [B, K, H], weight [V, H], bias [V] or None)`` for the
@@ -324,16 +356,27 @@ class HAPOGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ loss
     def _aggregation(self, inputs, mode):
-        """(normalizer, max_len, divide_by) reproducing TRL's scaling for ``loss_type``."""
+        """``(normalizer, max_len, accumulation, divide_by)`` reproducing TRL's scaling: TRL
+        divides the loss by the gradient-accumulation steps except where ``num_items_in_batch``
+        normalises it (dapo, cispo, vespo), and the entropy bonus by them always."""
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.loss_type == "dapo":
+        if self._loss_options.aggregation == "dapo":
             n = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 n = n * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            return float(n), None, 1.0
+            return float(n), None, accum, 1.0
         if self.loss_type == "dr_grpo":
-            return None, self.max_completion_length, accum
-        return None, None, accum
+            return None, self.max_completion_length, accum, accum
+        return None, None, accum, accum
+
+    def _entropy_coefficient(self):
+        """The entropy bonus's coefficient this micro-batch (TRL's adaptive gate included)."""
+        if not self._entropy_bonus_enabled:
+            return 0.0
+        if self.use_adaptive_entropy:
+            return (self.entropy_coef if self._last_world_entropy <= self.args.entropy_target
+                    else 0.0)
+        return self.entropy_coef
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
@@ -347,12 +390,28 @@ class HAPOGRPOTrainer(GRPOTrainer):
         if used:
             raise ValueError(f"HAPOGRPOTrainer is text-only; got model inputs {used}")
 
-        normalizer, max_len, divide_by = self._aggregation(inputs, mode)
+        normalizer, max_len, accum, divide_by = self._aggregation(inputs, mode)
+        coef = self._entropy_coefficient()
+        # TRL: loss / divide_by - coef * entropy_mean / accum, as one kernel call.
+        kernel_coef = coef * divide_by / accum
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        # TRL multiplies the policy term by vLLM's ratio when it corrects for the sampler (and
+        # VESPO folds it into its weight whenever it is there).
+        is_ratio = None
+        if (self.use_vllm and self.vllm_importance_sampling_correction) or \
+                self.loss_type == "vespo":
+            is_ratio = inputs.get("importance_sampling_ratio")
+        group = None
+        if self.accelerator.num_processes > 1 and self.top_entropy_quantile < 1.0:
+            group = torch.distributed.group.WORLD     # the quantile of every rank's tokens
         common = dict(mask=mask, old_logp=inputs.get("old_per_token_logps"), ref_logp=ref,
                       teacher_mask=inputs.get("teacher_mask"), options=self._loss_options,
-                      normalizer=normalizer, max_len=max_len)
+                      normalizer=normalizer, max_len=max_len, entropy_coef=kernel_coef,
+                      rollout_is_weights=is_ratio,
+                      sampling_logp=inputs.get("sampling_per_token_logps"),
+                      process_group=group)
         K = completion_ids.size(1)
+        aux_loss = None
         if self.fused_linear:
             hidden, weight, bias = self._completion_hidden(model, input_ids, attention_mask, K)
             with torch.autocast(hidden.device.type, enabled=False):
@@ -360,18 +419,29 @@ class HAPOGRPOTrainer(GRPOTrainer):
                     hidden, weight, completion_ids, inputs["advantages"], bias=bias,
                     chunk_size=self.fused_linear_chunk_size, **common)
         else:
-            logits = self._completion_logits(model, input_ids, attention_mask, K)
+            model_out = self._completion_forward(model, input_ids, attention_mask, K,
+                                                 router_logits=self.aux_loss_enabled)
+            logits = model_out.logits
+            aux_loss = model_out.aux_loss if self.aux_loss_enabled else None
+            del model_out
             out = hk.fused_hapo_loss(logits, completion_ids, inputs["advantages"],
                                      inplace_grad=self._inplace_grad, **common)
-        self._log_loss_metrics(out, mask, mode)
-        return out.loss / divide_by
+        loss = out.loss / divide_by
+        self._log_loss_metrics(out, mask, mode, inputs, kernel_coef)
+        if aux_loss is not None:        # TRL: scaled for gradient accumulation like the loss
+            loss = loss + self.router_aux_loss_coef * aux_loss / accum
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        return loss
 
     @torch.no_grad()
-    def _log_loss_metrics(self, out, mask, mode):
-        """TRL's loss metrics (names and reductions), from the kernel's per-token outputs."""
+    def _log_loss_metrics(self, out, mask, mode, inputs, kernel_coef):
+        """TRL's loss metrics (names and reductions), from the kernel's per-token outputs;
+        TRL's adaptive-entropy controller update."""
         valid = mask.bool()
         m = mask.float()
         sequence = self.importance_sampling_level == "sequence"
+        metrics = self._metrics[mode]
 
         def global_mean(x, per_sequence=False):
             if per_sequence:        # TRL: a (B, 1) quantity is averaged over sequences
@@ -381,26 +451,87 @@ class HAPOGRPOTrainer(GRPOTrainer):
             tot = self.accelerator.reduce(local.float(), reduction="sum")
             return (tot[0] / tot[1].clamp(min=1.0)).item()
 
-        def seq_flags(x):           # a per-sequence flag from per-token flags
-            return (x & valid).any(-1).float()
+        low, high = out.per_token_clip_low, out.per_token_clip_high
+        if sequence:
+            # TRL flags each sequence's ratio (B, 1), fully masked rows included (ratio 1):
+            # the objective table's flags on the per-sequence ratio.
+            rho = out.per_token_ratio[:, :1]
+            adv = inputs["advantages"].reshape(-1, 1).to(rho.dtype)
+            low, high = OBJECTIVES[self._loss_options.objective].clipped(
+                rho, adv, self._loss_options)
+            teacher = inputs.get("teacher_mask")
+            if teacher is not None:         # teacher rows count only under "ratio"
+                counted = ~teacher.reshape(-1, 1).bool()
+                if self._loss_options.teacher_objective != "ratio":
+                    low, high = low & counted, high & counted
 
-        metrics = self._metrics[mode]
-        if self.beta != 0.0:
+        def flag_mean(flag):
+            return global_mean(flag.float(), sequence)
+
+        if self._entropy_bonus_enabled:
+            entropies = out.per_token_entropy
+            effective = m
+            if self.top_entropy_quantile < 1.0:
+                effective = m * self.get_high_entropy_mask(entropies, mask,
+                                                           1 - self.top_entropy_quantile)
+            entropy_mean = (entropies * effective).sum() / effective.sum().clamp(min=1.0)
+            # TRL logs the loss before its accumulation scaling and before the bonus.
+            policy_loss = out.loss.detach() + kernel_coef * entropy_mean
+            metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            if self.use_adaptive_entropy and mode == "train":
+                self._update_adaptive_entropy(torch.stack([(entropies * effective).sum(),
+                                                           effective.sum()]))
+            if mode == "train" and self.accelerator.sync_gradients:
+                metrics["entropy_coef"].append(self.entropy_coef)
+
+        if self.beta != 0.0:        # per token (bias-corrected: times its sequence's ratio)
             metrics["kl"].append(global_mean(out.per_token_kl))
         metrics["entropy"].append(global_mean(out.per_token_entropy))
-        low, high = out.per_token_clip_low, out.per_token_clip_high
-        region = low | high
-        for name, flag in (("low_mean", low), ("high_mean", high), ("region_mean", region)):
-            value = global_mean(seq_flags(flag), True) if sequence else global_mean(flag.float())
-            metrics[f"clip_ratio/{name}"].append(value)
+        if self.loss_type == "cispo":
+            metrics["cispo_clip_ratio"].append(flag_mean(high))
+        elif self.loss_type == "vespo":
+            old = inputs.get("old_per_token_logps")
+            log_ratio = torch.zeros_like(m) if old is None else (out.per_token_logp - old) * m
+            is_ratio = inputs.get("importance_sampling_ratio")
+            phi = self.get_gamma_weights(
+                advantages=inputs["advantages"].reshape(-1, 1), log_ratio_per_token=log_ratio,
+                mask=m, importance_sampling_ratio=is_ratio, k_pos=self.args.vespo_k_pos,
+                lambda_pos=self.args.vespo_lambda_pos, k_neg=self.args.vespo_k_neg,
+                lambda_neg=self.args.vespo_lambda_neg)
+            metrics["vespo/phi_seq_mean"].append(global_mean(phi, True))
+        elif self.loss_type != "sapo":
+            region = low | high
+            for name, flag in (("low_mean", low), ("high_mean", high), ("region_mean", region)):
+                metrics[f"clip_ratio/{name}"].append(flag_mean(flag))
 
-        def per_seq(flag):
-            return seq_flags(flag) if sequence else (flag.float() * m).sum(-1) / m.sum(-1)
+            def per_seq(flag):
+                return flag[:, 0].float() if sequence else (flag.float() * m).sum(-1) / m.sum(-1)
 
-        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(per_seq(low))).item())
-        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(per_seq(high))).item())
+            metrics["clip_ratio/low_min"].append(
+                nanmin(self.accelerator.gather(per_seq(low))).item())
+            metrics["clip_ratio/high_max"].append(
+                nanmax(self.accelerator.gather(per_seq(high))).item())
         if self.hapo is not None:
             metrics["hapo/teacher_token_fraction"].append(float(out.teacher_fraction))
+
+    def _update_adaptive_entropy(self, stats):
+        """TRL's adaptive entropy controller: the window's entropy over every rank moves
+        ``entropy_coef`` by ``entropy_coef_delta`` at each optimizer step."""
+        stats = stats.detach()
+        self._entropy_window_stats = (stats if self._entropy_window_stats is None
+                                      else self._entropy_window_stats + stats)
+        if not self.accelerator.sync_gradients:
+            return
+        window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+        world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+        if world_entropy <= self.args.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + self.args.entropy_coef_delta,
+                                    self.args.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - self.args.entropy_coef_delta,
+                                    self.args.entropy_coef_min)
+        self._last_world_entropy = world_entropy
+        self._entropy_window_stats = None
 
     # ------------------------------------------------------------------ HAPO
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -442,13 +573,15 @@ class HAPOGRPOTrainer(GRPOTrainer):
             inject = torch.zeros_like(has_demo)
 
         # Widen the completion block so the injected demonstrations fit untruncated.
-        width = max([output["completion_ids"].shape[1]]
-                    + [demos[p].numel() for p in range(P) if bool(inject[p])])
+        old_width = output["completion_ids"].shape[1]
+        width = max([old_width] + [demos[p].numel() for p in range(P) if bool(inject[p])])
         pad = self._tokenizer.pad_token_id
         for key, value in (("completion_ids", pad), ("completion_mask", 0), ("tool_mask", 1),
                            ("old_per_token_logps", 0.0), ("ref_per_token_logps", 0.0),
-                           ("sampling_per_token_logps", 0.0)):
-            if key in output:
+                           ("sampling_per_token_logps", 0.0),
+                           ("importance_sampling_ratio", 1.0)):
+            # Per-token tensors only: vLLM's ratio is (B, 1) in the sequence modes.
+            if key in output and output[key].dim() == 2 and output[key].shape[1] == old_width:
                 output[key] = _pad_right(output[key], width, value)
 
         batch = {"prompt_ids": output["prompt_ids"], "completion_ids": output["completion_ids"],
@@ -471,6 +604,14 @@ class HAPOGRPOTrainer(GRPOTrainer):
         rows = torch.nonzero(new["teacher_mask"]).flatten()
         if rows.numel():
             self._rescore_rows(output, rows)
+            # No sampler produced the demonstration: no importance correction, no drift.
+            if "importance_sampling_ratio" in output:
+                output["importance_sampling_ratio"][rows] = 1.0
+            if "sampling_per_token_logps" in output:
+                fresh = output.get("old_per_token_logps")
+                output["sampling_per_token_logps"][rows] = (
+                    0.0 if fresh is None else fresh[rows].to(
+                        output["sampling_per_token_logps"].dtype))
 
         mode = "train"
         self._metrics[mode]["hapo/injection_rate"].append(injected.float().mean().item())
