@@ -438,7 +438,6 @@ class HAPOGRPOTrainer(GRPOTrainer):
     def _log_loss_metrics(self, out, mask, mode, inputs, kernel_coef):
         """TRL's loss metrics (names and reductions), from the kernel's per-token outputs;
         TRL's adaptive-entropy controller update."""
-        valid = mask.bool()
         m = mask.float()
         sequence = self.importance_sampling_level == "sequence"
         metrics = self._metrics[mode]

@@ -637,11 +637,11 @@ def test_train_loss_types(model_dir, tokenizer, dataset, tmp_path, loss_type):
     training_args = GRPOConfig(
         output_dir=str(tmp_path),
         importance_sampling_level="sequence" if loss_type == "luspo" else "token",
-        learning_rate=0.1,  # use higher lr because gradients are tiny and default lr can stall updates
+        learning_rate=0.1,  # higher lr: gradients are tiny and the default lr can stall updates
         per_device_train_batch_size=3,  # reduce the batch size to reduce memory usage
         num_generations=3,  # reduce the number of generations to reduce memory usage
         max_completion_length=32,  # reduce the completion length to reduce memory usage
-        gradient_accumulation_steps=2,  # set to 2 to test than DAPO can operate with accumulated batch
+        gradient_accumulation_steps=2,  # DAPO with an accumulated batch
         loss_type=loss_type, report_to="none", use_cpu=True, bf16=False, seed=0,
         save_strategy="no", disable_tqdm=True)
     trainer = HAPOGRPOTrainer(model=model_dir, reward_funcs=length_reward, args=training_args,
