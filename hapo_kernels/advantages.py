@@ -13,7 +13,7 @@ import torch
 
 from . import distributed
 from .backends import backend_for
-from .inputs import group_offsets_of
+from .inputs import check_replacement, group_offsets_of
 from .options import AdvantageOptions, split_options
 from .packed import check_cu_seqlens
 
@@ -21,6 +21,8 @@ from .packed import check_cu_seqlens
 def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
                      inject: Optional[torch.Tensor] = None, *,
                      group_offsets: Optional[torch.Tensor] = None,
+                     replace_index: Optional[torch.Tensor] = None,
+                     teacher_rewards: Optional[torch.Tensor] = None,
                      options: Optional[AdvantageOptions] = None, process_group: Any = None,
                      cu_seqlens: Optional[torch.Tensor] = None,
                      **option_values: Any) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -30,8 +32,13 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     with ``group_offsets`` ``[P + 1]`` instead of ``group_size`` (verl's uneven groups),
     group p is ``rewards[o[p]:o[p+1]]``, of any size >= 1 (a group of one rollout has mean 0
     and std 1, as in verl's GRPO: its advantage is its reward over ``1 + eps``);
-    ``inject`` ``[P]`` bool marks the groups whose worst member (lowest reward, first index on
-    ties) is replaced by a teacher demonstration with reward ``teacher_reward``. Options
+    ``inject`` ``[P]`` bool marks the groups one of whose members is replaced by a teacher
+    demonstration with reward ``teacher_reward``: the worst (lowest reward, first index on
+    ties) with ``replace="worst"``, else ``replace_index[p]`` (``[P]`` int, the member the
+    caller chose, counted from the group's first: drawn for ``"random"``, set for
+    ``"fixed"``, member 0 when not given). ``teacher_rewards`` ``[P]`` float: the
+    demonstration's reward per group (the reward function's score of it), in place of the
+    constant ``teacher_reward``. Options
     (``AdvantageOptions``, as keywords or ``options=``): ``scale`` ``"group"``
     ``(r - mean) / (std + eps)``, ``"batch"`` (one std for the batch) or ``"none"``
     ``(r - mean)``; ``stats`` ``"all"`` members or ``"on-policy"`` (teacher excluded from
@@ -59,6 +66,9 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
                              f"({cu_seqlens.numel() - 1}), got {rewards.numel()}")
     start = 0
     n_local = None
+    if process_group is not None and (replace_index is not None or teacher_rewards is not None):
+        raise ValueError("replace_index= and teacher_rewards= are not supported with "
+                         "process_group= yet: compute the advantages on one process")
     if process_group is not None:
         n_local = rewards.numel() if isinstance(rewards, torch.Tensor) else None
         rewards, start = distributed.gather_rewards(rewards, process_group)
@@ -67,7 +77,11 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     offsets = group_offsets_of(rewards, group_size, group_offsets, inject)
     if inject is not None and inject.dtype != torch.bool:
         raise ValueError(f"inject must be a bool tensor, got {inject.dtype}")
-    adv, replaced = backend_for(rewards).group_advantages(rewards, offsets, inject, options)
+    replace_index, teacher_rewards = check_replacement(replace_index, teacher_rewards, inject,
+                                                       offsets, options)
+    adv, replaced = backend_for(rewards).group_advantages(
+        rewards, offsets, inject, options, replace_index=replace_index,
+        teacher_rewards=teacher_rewards)
     if n_local is not None:
         adv = adv[start:start + n_local]
     return adv, replaced

@@ -33,7 +33,9 @@ class Backend(Protocol):
     into ``out`` (which may be the logits). ``token_loss``: the fused token-level loss,
     results into ``out`` and, when ``grad`` is given, ``dL/dlogits`` into it.
     ``group_advantages``: float32 ``[N]`` advantages and int64 ``[P]`` replaced members of
-    the groups ``rewards[offsets[p]:offsets[p+1]]``.
+    the groups ``rewards[offsets[p]:offsets[p+1]]`` (the member ``replace_index[p]`` when
+    given, else the worst; the teacher's reward ``teacher_rewards[p]`` when given, else
+    ``opts.teacher_reward``).
     """
 
     def row_stats(self, logits: torch.Tensor, target_ids: torch.Tensor, temperature: float,
@@ -49,8 +51,10 @@ class Backend(Protocol):
                    out: TokenResults, grad: Optional[torch.Tensor]) -> None: ...
 
     def group_advantages(self, rewards: torch.Tensor, offsets: torch.Tensor,
-                         inject: Optional[torch.Tensor],
-                         opts: AdvantageOptions) -> Tuple[torch.Tensor, torch.Tensor]: ...
+                         inject: Optional[torch.Tensor], opts: AdvantageOptions, *,
+                         replace_index: Optional[torch.Tensor] = None,
+                         teacher_rewards: Optional[torch.Tensor] = None
+                         ) -> Tuple[torch.Tensor, torch.Tensor]: ...
 
 
 # name -> the module that implements ``Backend`` (imported on first use: triton is optional)

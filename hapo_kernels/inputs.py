@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
@@ -150,6 +150,59 @@ def group_offsets_of(rewards: Any, group_size: Any = None, group_offsets: Any = 
         if inject.device != rewards.device:
             raise ValueError(f"inject is on {inject.device} but rewards on {rewards.device}")
     return offsets
+
+
+def check_replacement(replace_index: Any, teacher_rewards: Any, inject: Any,
+                      offsets: torch.Tensor, opts: Any
+                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Validate SSI's per-group tensors (docs/design.md section 6); return them as int64 /
+    float32 ``[P]`` on the offsets' device (``replace_index`` member 0 for
+    ``replace="fixed"`` when not given, None for ``"worst"``).
+
+    ``replace_index``: the member each injected group loses, counted from the group's first,
+    in ``[0, size)`` where ``inject`` (any value in ``[-1, size)`` elsewhere); only with
+    ``opts.replace`` ``"random"`` (required) or ``"fixed"``. ``teacher_rewards``: the
+    demonstration's reward per group, finite.
+    """
+    P = offsets.numel() - 1
+    device = offsets.device
+    if replace_index is not None:
+        if opts.replace == "worst":
+            raise ValueError('replace_index is for replace="random" or "fixed"; replace="worst" '
+                             "picks the lowest reward itself")
+        if not isinstance(replace_index, torch.Tensor) or tuple(replace_index.shape) != (P,) \
+                or replace_index.dtype.is_floating_point or replace_index.dtype == torch.bool \
+                or replace_index.dtype.is_complex:
+            raise ValueError(f"replace_index must be an integer tensor of shape ({P},), got "
+                             f"{getattr(replace_index, 'dtype', type(replace_index).__name__)} "
+                             f"{tuple(getattr(replace_index, 'shape', ()))}")
+        if replace_index.device != device:
+            raise ValueError(f"replace_index is on {replace_index.device} but rewards on {device}")
+        replace_index = replace_index.long()
+        low = 0 if inject is None else torch.where(inject.bool(), 0, -1)
+        sizes = offsets[1:] - offsets[:-1]
+        if bool(((replace_index < low) | (replace_index >= sizes)).any()):
+            raise ValueError(f"replace_index must lie in [0, group size) for every injected "
+                             f"group, got {replace_index.tolist()} for sizes {sizes.tolist()}")
+    elif opts.replace == "random":
+        raise ValueError('replace="random" needs replace_index= (the members the caller drew, '
+                         "seeded; hapo.inject_successes draws them)")
+    elif opts.replace == "fixed":
+        replace_index = torch.zeros(P, dtype=torch.long, device=device)
+    if teacher_rewards is not None:
+        if not isinstance(teacher_rewards, torch.Tensor) \
+                or tuple(teacher_rewards.shape) != (P,) \
+                or not teacher_rewards.dtype.is_floating_point:
+            raise ValueError(f"teacher_rewards must be a float tensor of shape ({P},), got "
+                             f"{getattr(teacher_rewards, 'dtype', type(teacher_rewards).__name__)}"
+                             f" {tuple(getattr(teacher_rewards, 'shape', ()))}")
+        if teacher_rewards.device != device:
+            raise ValueError(f"teacher_rewards is on {teacher_rewards.device} but rewards on "
+                             f"{device}")
+        if not bool(torch.isfinite(teacher_rewards).all()):
+            raise ValueError(f"teacher_rewards must be finite, got {teacher_rewards.tolist()}")
+        teacher_rewards = teacher_rewards.float()
+    return replace_index, teacher_rewards
 
 
 def _per_token_tensor(name: str, tensor: Any, batch_shape: tuple, device: torch.device,

@@ -128,6 +128,12 @@ def _vespo_weight(log_ratio, A, valid, rollout_is, opts, segments):
         return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _unclipped_loss(rho, logp, A, opts):
+    """The importance-weighted policy gradient without a clip, ``-rho A`` (LUFFY's released
+    training setting ``loss_remove_clip=True``)."""
+    return -rho * A
+
+
 OBJECTIVES = {o.name: o for o in (
     Objective("clip", 0, ("eps_low", "eps_high", "dual_clip", "delta"), _clip_loss,
               _clip_flags),
@@ -136,6 +142,7 @@ OBJECTIVES = {o.name: o for o in (
               _no_flags),
     Objective("vespo", 3, ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
                            "vespo_lambda_neg"), _vespo_loss, _no_flags, _vespo_weight),
+    Objective("unclipped", 4, (), _unclipped_loss, _no_flags),
 )}
 
 

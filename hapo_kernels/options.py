@@ -39,6 +39,9 @@ AGGREGATION_ALIASES = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token
 IMPORTANCE_SAMPLING = ("token", "sequence")
 SCALES = ("group", "batch", "none")
 STATS = ("all", "on-policy")
+# Which member of an injected group SSI replaces: the lowest reward (HAPO), a member drawn by
+# the caller (seeded), or a set member (LUFFY's layout: the demonstration in a fixed slot).
+REPLACE = ("worst", "random", "fixed")
 
 # Integer codes the Triton advantage kernel takes as constexprs.
 SCALE_CODE = {name: i for i, name in enumerate(SCALES)}
@@ -313,12 +316,18 @@ class AdvantageOptions(_Options):
             or ``"none"`` (``r - mean``, Dr. GRPO).
         stats: mean and std over ``"all"`` members or the ``"on-policy"`` ones only.
         eps: added to the std.
-        teacher_reward: the reward of a substituted teacher demonstration.
+        teacher_reward: the reward of a substituted teacher demonstration (a per-group
+            tensor, ``group_advantages(teacher_rewards=)``, overrides it).
+        replace: the member an injected group loses: ``"worst"`` (the lowest reward, first
+            index on ties; HAPO), ``"random"`` (drawn by the caller, seeded, and passed as
+            ``group_advantages(replace_index=)``) or ``"fixed"`` (a set member:
+            ``replace_index``, member 0 when not given; LUFFY's layout).
     """
     scale: str = "group"
     stats: str = "all"
     eps: float = ADVANTAGE_EPS
     teacher_reward: float = TEACHER_REWARD
+    replace: str = "worst"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", choice("scale", self.scale, SCALES))
@@ -326,6 +335,7 @@ class AdvantageOptions(_Options):
         object.__setattr__(self, "eps", number("eps", self.eps, low=0.0))
         object.__setattr__(self, "teacher_reward",
                            number("teacher_reward", self.teacher_reward))
+        object.__setattr__(self, "replace", choice("replace", self.replace, REPLACE))
 
 
 def split_options(kwargs: Mapping[str, Any], loss: Optional[LossOptions] = None,

@@ -175,9 +175,14 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
                      inject: Optional[torch.Tensor] = None,
                      options: Optional[AdvantageOptions] = None, *,
                      group_offsets: Optional[torch.Tensor] = None,
+                     replace_index: Optional[torch.Tensor] = None,
+                     teacher_rewards: Optional[torch.Tensor] = None,
                      **option_values: Any) -> tuple:
     """float64 advantages ``[N]`` and the replaced index per group (-1: none), one group
-    at a time, exactly as section 6 reads (groups of ``group_size`` or ``group_offsets``)."""
+    at a time, exactly as section 6 reads (groups of ``group_size`` or ``group_offsets``):
+    the replaced member is ``replace_index[p]`` (``replace`` "random" / "fixed"; member 0
+    for "fixed" without it) or the lowest reward, its reward ``teacher_rewards[p]`` or the
+    constant ``teacher_reward``."""
     offsets = group_offsets_of(rewards, group_size, group_offsets, inject).tolist()
     opts = AdvantageOptions.from_kwargs(options, **option_values)
     P = len(offsets) - 1
@@ -186,8 +191,12 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     counted = [torch.ones(len(g), dtype=torch.bool, device=rewards.device) for g in groups]
     for p in range(P):
         if inject is not None and bool(inject[p]):
-            k = int(torch.argmin(groups[p]))             # the lowest reward, first on ties
-            groups[p][k] = float(opts.teacher_reward)
+            if opts.replace == "worst":
+                k = int(torch.argmin(groups[p]))         # the lowest reward, first on ties
+            else:
+                k = 0 if replace_index is None else int(replace_index[p])
+            groups[p][k] = float(opts.teacher_reward if teacher_rewards is None
+                                 else teacher_rewards[p])
             replaced[p] = k
             if opts.stats == "on-policy":
                 counted[p][k] = False

@@ -69,6 +69,78 @@ def test_never_nan(backend, scale, stats):
     assert torch.equal(adv, torch.zeros(4))
 
 
+@pytest.mark.parametrize("replace", ["random", "fixed"])
+@pytest.mark.parametrize("scale,stats", list(itertools.product(["group", "batch", "none"],
+                                                               ["all", "on-policy"])))
+@pytest.mark.parametrize("G", [3, 8, 13])
+def test_given_member_and_teacher_rewards(backend, replace, scale, stats, G):
+    """replace="random"/"fixed": the member the caller chose is replaced (not the worst),
+    with the per-group teacher reward; both paths equal the float64 reference."""
+    P = 7
+    g = torch.Generator().manual_seed(100 + G)
+    rewards = torch.rand(P * G, generator=g)
+    rewards[:G] = 0.0                                      # all tied
+    inject = torch.rand(P, generator=g) > 0.3
+    inject[0] = inject[1] = True
+    index = torch.randint(0, G, (P,), generator=g)
+    index[1] = G - 1
+    index[~inject] = -1                                    # as SSI returns it
+    teacher_r = torch.rand(P, generator=g) * 2 - 0.5
+    for ti in (None, teacher_r):
+        adv, replaced = hk.group_advantages(rewards, G, inject=inject, replace_index=index,
+                                            teacher_rewards=ti, replace=replace, scale=scale,
+                                            stats=stats)
+        _poison_free(adv, replaced, P, G)
+        assert torch.equal(replaced, torch.where(inject, index, -1))
+        ref, ref_replaced = R.group_advantages(rewards, G, inject=inject, replace_index=index,
+                                               teacher_rewards=ti, replace=replace,
+                                               scale=scale, stats=stats)
+        assert torch.equal(replaced, ref_replaced)
+        torch.testing.assert_close(adv.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_given_member_by_hand(backend):
+    """G = 4, rewards [0, 1, 0, 1], the teacher in slot 1 scored 0.6, scale "none": the
+    substituted group is [0, 0.6, 0, 1], mean 0.4 (all) or 1/3 (on-policy)."""
+    rewards = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    inject = torch.tensor([True])
+    kw = dict(inject=inject, replace_index=torch.tensor([1]),
+              teacher_rewards=torch.tensor([0.6]), replace="fixed", scale="none")
+    adv, replaced = hk.group_advantages(rewards, 4, **kw)
+    assert replaced.tolist() == [1]
+    torch.testing.assert_close(adv, torch.tensor([-0.4, 0.2, -0.4, 0.6]))
+    adv, _ = hk.group_advantages(rewards, 4, stats="on-policy", **kw)
+    torch.testing.assert_close(adv, torch.tensor([-1, 0.8, -1, 2]) / 3)
+    # "fixed" without an index: member 0 (LUFFY's layout), even where it is not the worst.
+    adv, replaced = hk.group_advantages(torch.tensor([0.5, 0.0, 0.0, 0.0]), 4, inject=inject,
+                                        replace="fixed", scale="none")
+    assert replaced.tolist() == [0]
+    torch.testing.assert_close(adv, torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    # "worst" with a teacher reward per group: the lowest member, the given reward.
+    adv, replaced = hk.group_advantages(torch.tensor([0.5, 0.0, 0.2, 0.0]), 4, inject=inject,
+                                        teacher_rewards=torch.tensor([0.3]), scale="none")
+    assert replaced.tolist() == [1]
+    torch.testing.assert_close(adv, torch.tensor([0.5, 0.3, 0.2, 0.0]) - 0.25)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(replace="worst", replace_index=torch.tensor([0, 1, 0])), "replace_index"),
+    (dict(replace="random"), "replace_index"),
+    (dict(replace="random", replace_index=torch.tensor([0, 2, 0])), "replace_index"),
+    (dict(replace="random", replace_index=torch.tensor([0, -1, 0])), "replace_index"),
+    (dict(replace="fixed", replace_index=torch.tensor([0.0, 1.0, 0.0])), "replace_index"),
+    (dict(replace="fixed", replace_index=torch.tensor([0, 1])), "replace_index"),
+    (dict(replace="middle"), "replace"),
+    (dict(teacher_rewards=torch.tensor([1.0, float("nan"), 1.0])), "teacher_rewards"),
+    (dict(teacher_rewards=torch.tensor([1, 1, 1])), "teacher_rewards"),
+    (dict(teacher_rewards=torch.ones(2)), "teacher_rewards"),
+])
+def test_bad_replacement(backend, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        hk.group_advantages(torch.zeros(6), 2, inject=torch.tensor([True, True, False]),
+                            **kwargs)
+
+
 def test_integer_rewards_and_empty_batch(backend):
     adv, replaced = hk.group_advantages(torch.tensor([0, 1, 1, 1]), 2)
     ref, _ = R.group_advantages(torch.tensor([0, 1, 1, 1]), 2)

@@ -90,13 +90,18 @@ def test_hapo_loss_kernel(variant, x):
                      dict(variant, BLOCK_V=4096))
 
 
-@pytest.mark.parametrize("has_inject,scale,stats", [(True, 0, 0), (False, 1, 1), (True, 2, 1),
-                                                    (True, 1, 0)])
-def test_group_advantages_kernel(has_inject, scale, stats):
+@pytest.mark.parametrize("has_inject,scale,stats,has_index,has_teacher_r",
+                         [(True, 0, 0, False, False), (False, 1, 1, False, False),
+                          (True, 2, 1, True, True), (True, 1, 0, True, False),
+                          (True, 0, 1, False, True)])
+def test_group_advantages_kernel(has_inject, scale, stats, has_index, has_teacher_r):
     compile_for_sm90(advantages.group_advantages_kernel,
                      dict(r_ptr="*fp32", offsets_ptr="*i64",
                           inject_ptr="*i8" if has_inject else None,
+                          index_ptr="*i64" if has_index else None,
+                          teacher_r_ptr="*fp32" if has_teacher_r else None,
                           adv_ptr="*fp32", r_sub_ptr="*fp32", member_ptr="*i8",
                           replaced_ptr="*i64", batch_std_ptr="*fp32" if scale == 1 else None,
                           teacher_reward="fp32", eps="fp32"),
-                     dict(HAS_INJECT=has_inject, SCALE=scale, STATS=stats, BLOCK_G=16))
+                     dict(HAS_INJECT=has_inject, HAS_INDEX=has_index,
+                          HAS_TEACHER_R=has_teacher_r, SCALE=scale, STATS=stats, BLOCK_G=16))

@@ -120,6 +120,26 @@ def test_cispo_by_hand():
     assert out.clip_high[0].tolist() == [True, False, False] and not out.clip_low.any()
 
 
+def test_unclipped_by_hand():
+    """"unclipped": l = -rho A with its full gradient -rho A at every ratio, where "clip"
+    would have cut it (rho = 2 with A > 0, rho = 0.25 with A < 0); no clip flags."""
+    logp = torch.tensor([[math.log(0.5), math.log(0.5), math.log(0.2)]], dtype=torch.float64,
+                        requires_grad=True)
+    old = torch.tensor([[math.log(0.25), math.log(0.5), math.log(0.8)]], dtype=torch.float64)
+    A = torch.tensor([[1.0, -2.0, -1.0]], dtype=torch.float64)      # rho = 2, 1, 0.25
+    out = token_objective(logp, torch.zeros_like(logp), A, torch.ones(1, 3, dtype=torch.bool),
+                          old_logp=old, opts=LossOptions(objective="unclipped"))
+    want = torch.tensor([-2.0, 2.0, 0.25], dtype=torch.float64)
+    torch.testing.assert_close(out.loss[0], want)
+    out.loss.sum().backward()
+    torch.testing.assert_close(logp.grad[0], want)
+    assert not out.clip_high.any() and not out.clip_low.any()
+    clipped = token_objective(logp.detach(), torch.zeros_like(logp), A,
+                              torch.ones(1, 3, dtype=torch.bool), old_logp=old,
+                              opts=LossOptions())
+    assert clipped.loss[0, 0].item() == pytest.approx(-1.2)      # the clip would cap it
+
+
 def test_kl_and_entropy_terms_by_hand():
     d = 0.4                                              # ref - logp
     out = objective([-1.0], [1.0], ref_logp=[-1.0 + d], beta=0.1, entropy=[0.9],

@@ -2,7 +2,8 @@
 
 Vectorised over groups in float32: the groups (``offsets``, any sizes) are laid out as the
 rows of a ``[P, G_max]`` block with a membership mask; then substitute the worst member of
-each injected group (lowest reward, first index on ties), then the mean and Bessel std per
+each injected group (the given ``replace_index``, else the lowest reward, first index on
+ties), then the mean and Bessel std per
 group (or one std for the batch) over the counted members. A group of one rollout has mean 0
 and std 1 (verl's GRPO rule: its advantage is its reward).
 """
@@ -16,7 +17,9 @@ from ..options import AdvantageOptions
 
 
 def group_advantages(rewards: torch.Tensor, offsets: torch.Tensor, inject: Optional[torch.Tensor],
-                     opts: AdvantageOptions) -> Tuple[torch.Tensor, torch.Tensor]:
+                     opts: AdvantageOptions, *, replace_index: Optional[torch.Tensor] = None,
+                     teacher_rewards: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """float32 advantages ``[N]`` and int64 replaced indices ``[P]`` (validated inputs;
     group p is ``rewards[offsets[p]:offsets[p+1]]``)."""
     device = rewards.device
@@ -31,9 +34,11 @@ def group_advantages(rewards: torch.Tensor, offsets: torch.Tensor, inject: Optio
     r = torch.where(in_group, rewards.to(torch.float32)[index], 0.0)
     teacher = torch.zeros_like(in_group)
     if inject is not None and bool(inject.any()):
-        k = torch.argmin(torch.where(in_group, r, float("inf")), dim=1)   # first on ties
+        k = (torch.argmin(torch.where(in_group, r, float("inf")), dim=1)  # first on ties
+             if replace_index is None else replace_index)
         rows = torch.nonzero(inject.bool()).squeeze(1)
-        r[rows, k[rows]] = float(opts.teacher_reward)
+        r[rows, k[rows]] = (float(opts.teacher_reward) if teacher_rewards is None
+                            else teacher_rewards[rows].to(torch.float32))
         teacher[rows, k[rows]] = True
         replaced[rows] = k[rows]
     member = in_group & ~teacher if opts.stats == "on-policy" else in_group

@@ -2,8 +2,8 @@
 
 One program per group; group p is ``rewards[offsets[p]:offsets[p+1]]`` (any sizes) and its
 rewards sit in one block (the largest group padded to a power of two). The program
-substitutes the worst member of an injected group (first index on ties) by
-``teacher_reward``, computes the group mean and Bessel std over the counted members
+substitutes one member of an injected group (the given index, else the worst, first index
+on ties) by the teacher's reward (per group, else ``teacher_reward``), computes the group mean and Bessel std over the counted members
 (``stats``; a group of one rollout has mean 0 and std 1, verl's GRPO rule), and writes the
 advantages and the replaced index. ``scale="batch"`` needs one std over the whole batch: a
 first launch writes the substituted rewards, torch reduces them, and a second launch
@@ -20,11 +20,14 @@ import triton.language as tl
 from ..options import SCALE_CODE, STATS_CODE, AdvantageOptions
 
 
-@triton.heuristics({"HAS_INJECT": lambda args: args["inject_ptr"] is not None})
+@triton.heuristics({"HAS_INJECT": lambda args: args["inject_ptr"] is not None,
+                    "HAS_INDEX": lambda args: args["index_ptr"] is not None,
+                    "HAS_TEACHER_R": lambda args: args["teacher_r_ptr"] is not None})
 @triton.jit
-def group_advantages_kernel(r_ptr, offsets_ptr, inject_ptr, adv_ptr, r_sub_ptr, member_ptr,
-                             replaced_ptr, batch_std_ptr, teacher_reward, eps,
-                             HAS_INJECT: tl.constexpr, SCALE: tl.constexpr,
+def group_advantages_kernel(r_ptr, offsets_ptr, inject_ptr, index_ptr, teacher_r_ptr, adv_ptr,
+                             r_sub_ptr, member_ptr, replaced_ptr, batch_std_ptr, teacher_reward,
+                             eps, HAS_INJECT: tl.constexpr, HAS_INDEX: tl.constexpr,
+                             HAS_TEACHER_R: tl.constexpr, SCALE: tl.constexpr,
                              STATS: tl.constexpr, BLOCK_G: tl.constexpr):
     group = tl.program_id(0).to(tl.int64)
     start = tl.load(offsets_ptr + group)
@@ -35,15 +38,22 @@ def group_advantages_kernel(r_ptr, offsets_ptr, inject_ptr, adv_ptr, r_sub_ptr, 
     offs = start + cols
     r = tl.load(r_ptr + offs, mask=in_group, other=0.0).to(tl.float32)
 
-    # SSI: the lowest reward (first index on ties) becomes the teacher demonstration.
+    # SSI: the given member, else the lowest reward (first index on ties), becomes the
+    # teacher demonstration.
     teacher = cols < 0
     replaced = tl.full((), -1, tl.int64)
     if HAS_INJECT:
         inject = tl.load(inject_ptr + group) != 0
-        r_min = tl.min(tl.where(in_group, r, float("inf")), axis=0)
-        k = tl.min(tl.where(in_group & (r == r_min), cols, BLOCK_G), axis=0)
+        if HAS_INDEX:
+            k = tl.load(index_ptr + group).to(tl.int32)
+        else:
+            r_min = tl.min(tl.where(in_group, r, float("inf")), axis=0)
+            k = tl.min(tl.where(in_group & (r == r_min), cols, BLOCK_G), axis=0)
         teacher = (cols == k) & inject
-        r = tl.where(teacher, teacher_reward, r)
+        t_reward = teacher_reward
+        if HAS_TEACHER_R:
+            t_reward = tl.load(teacher_r_ptr + group).to(tl.float32)
+        r = tl.where(teacher, t_reward, r)
         replaced = tl.where(inject, k.to(tl.int64), replaced)
     tl.store(replaced_ptr + group, replaced)
 
@@ -81,7 +91,9 @@ def _batch_std(r_sub: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
 
 
 def group_advantages(rewards: torch.Tensor, offsets: torch.Tensor, inject: Optional[torch.Tensor],
-                     opts: AdvantageOptions) -> Tuple[torch.Tensor, torch.Tensor]:
+                     opts: AdvantageOptions, *, replace_index: Optional[torch.Tensor] = None,
+                     teacher_rewards: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """float32 advantages ``[N]`` and int64 replaced indices ``[P]`` (validated inputs;
     group p is ``rewards[offsets[p]:offsets[p+1]]``)."""
     device = rewards.device
@@ -96,12 +108,16 @@ def group_advantages(rewards: torch.Tensor, offsets: torch.Tensor, inject: Optio
     r_sub = torch.empty_like(adv)
     member = torch.empty(N, dtype=torch.int8, device=device)
     inj = None if inject is None else inject.reshape(-1).to(torch.int8).contiguous()
+    index = None if replace_index is None else replace_index.to(torch.int64).contiguous()
+    teacher_r = (None if teacher_rewards is None
+                 else teacher_rewards.to(torch.float32).contiguous())
     # Every group in one block: the largest one sets the block (one host read of the sizes).
     block = max(16, triton.next_power_of_2(int((offs[1:] - offs[:-1]).max())))
 
     def launch(scale_code, batch_std):
         group_advantages_kernel[(P,)](
-            r, offs, inj, adv, r_sub, member, replaced, batch_std, float(opts.teacher_reward),
+            r, offs, inj, index, teacher_r, adv, r_sub, member, replaced, batch_std,
+            float(opts.teacher_reward),
             float(opts.eps), SCALE=scale_code, STATS=STATS_CODE[opts.stats], BLOCK_G=block)
 
     if opts.scale == "batch":

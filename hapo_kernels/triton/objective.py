@@ -18,6 +18,7 @@ CLIP = tl.constexpr(OBJECTIVES["clip"].code)
 CISPO = tl.constexpr(OBJECTIVES["cispo"].code)
 SAPO = tl.constexpr(OBJECTIVES["sapo"].code)
 # VESPO's per-sequence weight needs a statistics pass: it never reaches this kernel.
+UNCLIPPED = tl.constexpr(OBJECTIVES["unclipped"].code)
 SHAPED = tl.constexpr(TEACHER_OBJECTIVES["shaped"].code)
 SFT = tl.constexpr(TEACHER_OBJECTIVES["sft"].code)
 RATIO = tl.constexpr(TEACHER_OBJECTIVES["ratio"].code)
@@ -58,6 +59,11 @@ def on_policy_objective(logp, A, rho, params, OBJECTIVE: tl.constexpr,
         sig = 1.0 / (1.0 + tl.exp(-tau * (rho - 1.0)))
         loss = -sig * (4.0 / tau) * A
         g_logp = -4.0 * sig * (1.0 - sig) * rho * A
+        low = rho < 0.0                            # no clip: never
+        high = low
+    elif OBJECTIVE == UNCLIPPED:                   # l = -rho A
+        loss = -rho * A
+        g_logp = -rho * A
         low = rho < 0.0                            # no clip: never
         high = low
     else:                                          # CLIP: l = -min(min(rho, delta) A, clip(rho) A)
