@@ -37,7 +37,16 @@ class HAPOConfig:
     ``gate_threshold`` gamma (the start value when annealed), ``gate_prior`` (a0, b0),
     ``gate_memory`` ``"step"`` or ``"persistent"`` with ``gate_discount``,
     ``gate_schedule`` for gamma (constant, linear, cosine, exponential) down to
-    ``gate_gamma_min`` over ``gate_schedule_steps``, and ``gate_seed`` for Thompson draws.
+    ``gate_gamma_min`` over ``gate_schedule_steps``, ``gate_seed`` for Thompson draws and
+    ``gate_comparison`` (``"<"``, the paper's, or ``"<="``: inject also when the statistic
+    equals gamma_t; see ``ThompsonGate``).
+
+    The teacher's reward: with ``score_teacher`` (default) SSI scores each demonstration
+    with the trainer's reward function, as it scores the rollouts (a teacher that is
+    verified but not optimal gets its true reward); ``score_teacher=False`` gives every
+    demonstration the constant ``advantages.teacher_reward``. Which member a demonstration
+    replaces is ``advantages.replace``: ``"worst"`` (HAPO), ``"random"`` (drawn from a
+    generator seeded by ``seed``) or ``"fixed"`` (member 0, LUFFY's layout).
 
     ``loss`` (a ``LossOptions``) and ``advantages`` (an ``AdvantageOptions``) are the
     kernels' own option objects, passed whole to the loss and to ``group_advantages``.
@@ -65,6 +74,8 @@ class HAPOConfig:
     gate_gamma_min: float = 0.5
     gate_schedule_steps: int = 1000
     gate_seed: Optional[int] = None
+    gate_comparison: str = "<"
+    score_teacher: bool = True
     # --- the kernels' options
     loss: LossOptions = field(default_factory=LossOptions)
     advantages: AdvantageOptions = field(default_factory=AdvantageOptions)
@@ -85,8 +96,9 @@ class HAPOConfig:
             raise ValueError(f"group_size must be >= 2, got {self.group_size}")
         positive_int("micro_batch_size", self.micro_batch_size, allow_none=True)
         positive_int("fused_linear_chunk_size", self.fused_linear_chunk_size, allow_none=True)
-        if not isinstance(self.fused_linear, bool):
-            raise ValueError(f"fused_linear must be a bool, got {self.fused_linear!r}")
+        for name in ("fused_linear", "score_teacher"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.loss, LossOptions):
             raise ValueError(f"loss must be a hapo_kernels.LossOptions, got "
                              f"{type(self.loss).__name__}")
@@ -124,7 +136,8 @@ class HAPOConfig:
         return ThompsonGate(threshold=self.gate_threshold, mode=self.gate_mode,
                             prior=self.gate_prior, success_threshold=self.success_threshold,
                             memory=self.gate_memory, discount=self.gate_discount,
-                            schedule=self.make_schedule(), seed=self.gate_seed)
+                            schedule=self.make_schedule(), seed=self.gate_seed,
+                            comparison=self.gate_comparison)
 
     def to_dict(self) -> dict:
         return asdict(self)

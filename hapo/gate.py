@@ -3,9 +3,12 @@
 docs/design.md section 7. A group of ``N`` rollouts with ``S`` successes has the posterior
 ``Beta(a0 + S, b0 + N - S)`` over its success rate. ``mode="mean"`` (the paper's rule)
 injects iff the posterior mean is below ``gamma_t``; ``mode="thompson"`` draws ``theta``
-from the posterior and injects iff ``theta < gamma_t``. As the policy's success rate
-tends to 1 (or ``gamma_t`` is annealed below its limit) P(inject) tends to 0, so the
-teacher fades and the gradient returns to the on-policy one.
+from the posterior and injects iff ``theta < gamma_t``. ``comparison="<="`` injects also
+at equality; it matters for the mean gate, whose posterior mean takes a few discrete values:
+at N = 8 and gamma = 0.8, S = 7 gives exactly 0.8, so ``"<"`` does not inject there and
+``"<="`` does (P(inject) at a success rate of 0.9: 0.1869 against 0.5695). As the
+policy's success rate tends to 1 (or ``gamma_t`` is annealed below its limit) P(inject)
+tends to 0, so the teacher fades and the gradient returns to the on-policy one.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ __all__ = ["ThompsonGate", "regularized_incomplete_beta"]
 
 MODES = ("mean", "thompson")
 MEMORIES = ("step", "persistent")
+COMPARISONS = ("<", "<=")
 
 
 # --------------------------------------------------------------------------- Beta CDF
@@ -82,13 +86,15 @@ class ThompsonGate:
         schedule: a callable ``step -> gamma_t`` (see ``hapo.schedules``); overrides
             ``threshold``.
         seed: seeds the generator of ``mode="thompson"`` (reproducible given the seed).
+        comparison: ``"<"`` (default: inject iff the statistic is below ``gamma_t``) or
+            ``"<="`` (also at equality; see the module docstring for when it matters).
     """
 
     def __init__(self, threshold: float = 0.8, mode: str = "mean",
                  prior: Sequence[float] = (1.0, 1.0), success_threshold: float = 0.5,
                  memory: str = "step", discount: float = 1.0,
                  schedule: Optional[Callable[[int], float]] = None,
-                 seed: Optional[int] = None) -> None:
+                 seed: Optional[int] = None, comparison: str = "<") -> None:
         self.threshold = number("threshold", threshold, low=0.0, high=1.0)
         self.mode = choice("mode", mode, MODES)
         if not isinstance(prior, (tuple, list)) or len(prior) != 2:
@@ -97,6 +103,7 @@ class ThompsonGate:
                       number("prior[1]", prior[1], low=0.0, low_open=True))
         self.success_threshold = number("success_threshold", success_threshold)
         self.memory = choice("memory", memory, MEMORIES)
+        self.comparison = choice("comparison", comparison, COMPARISONS)
         self.discount = number("discount", discount, low=0.0, high=1.0, low_open=True)
         if schedule is not None and not callable(schedule):
             raise ValueError(f"schedule must be a callable step -> gamma_t, got {schedule!r}")
@@ -140,6 +147,10 @@ class ThompsonGate:
         y = torch._standard_gamma(b, generator=self.generator)
         return x / (x + y)
 
+    def _below(self, statistic: Any, gamma_t: float) -> Any:
+        """``statistic < gamma_t`` (or ``<=`` with ``comparison="<="``)."""
+        return statistic <= gamma_t if self.comparison == "<=" else statistic < gamma_t
+
     # ------------------------------------------------------------------ decide
     def decide(self, rewards: torch.Tensor, group_size: Optional[int] = None, *,
                group_offsets: Optional[torch.Tensor] = None,
@@ -175,10 +186,8 @@ class ThompsonGate:
                 self.counts[key] = (s, f)
                 succ[p], fail[p] = s, f
         a, b = a0 + succ, b0 + fail
-        if self.mode == "mean":
-            inject = a / (a + b) < gamma_t
-        else:
-            inject = self._sample_beta(a, b) < gamma_t
+        statistic = a / (a + b) if self.mode == "mean" else self._sample_beta(a, b)
+        inject = self._below(statistic, gamma_t)
         if has_demo is not None:
             inject = inject & has_demo
         if step is None:
@@ -191,7 +200,8 @@ class ThompsonGate:
                               ) -> Union[float, torch.Tensor]:
         """Exact P(inject) for a group whose rollouts succeed i.i.d. with ``success_rate``.
 
-        ``mean``: ``sum_S Binom(S; N, mu) [ (a0+S)/(a0+b0+N) < gamma_t ]``.
+        ``mean``: ``sum_S Binom(S; N, mu) [ (a0+S)/(a0+b0+N) < gamma_t ]`` (``<=`` with
+        ``comparison="<="``).
         ``thompson``: ``sum_S Binom(S; N, mu) I_{gamma_t}(a0+S, b0+N-S)`` (Beta CDF).
         It is the one-step probability with a fresh posterior (``memory="step"``), a demo
         present; ``step`` picks ``gamma_t`` (the gate's current step when None).
@@ -203,7 +213,8 @@ class ThompsonGate:
         a0, b0 = self.prior
         N = group_size
         if self.mode == "mean":
-            gate = [1.0 if (a0 + s) / (a0 + b0 + N) < gamma_t else 0.0 for s in range(N + 1)]
+            gate = [1.0 if self._below((a0 + s) / (a0 + b0 + N), gamma_t) else 0.0
+                    for s in range(N + 1)]
         else:
             gate = [regularized_incomplete_beta(gamma_t, a0 + s, b0 + N - s)
                     for s in range(N + 1)]
@@ -226,7 +237,7 @@ class ThompsonGate:
                 "config": {"threshold": self.threshold, "mode": self.mode,
                            "prior": self.prior, "success_threshold": self.success_threshold,
                            "memory": self.memory, "discount": self.discount,
-                           "seed": self.seed}}
+                           "comparison": self.comparison, "seed": self.seed}}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()["config"]
@@ -243,7 +254,8 @@ class ThompsonGate:
         sched = f", schedule={self.schedule!r}" if self.schedule is not None else ""
         return (f"ThompsonGate(threshold={self.threshold}, mode={self.mode!r}, "
                 f"prior={self.prior}, success_threshold={self.success_threshold}, "
-                f"memory={self.memory!r}, discount={self.discount}{sched})")
+                f"memory={self.memory!r}, discount={self.discount}, "
+                f"comparison={self.comparison!r}{sched})")
 
 
 def _as_tuple(v):

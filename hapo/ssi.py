@@ -1,23 +1,27 @@
 """Synthetic Success Injection (SSI): put a verified teacher demonstration into a group.
 
-docs/design.md section 6. For each group the gate opened, the rollout that ``group_advantages``
-replaces (the lowest reward, first index on ties) gets the prompt's teacher completion,
-the teacher reward and a teacher flag. The choice is delegated to
-``hapo_kernels.group_advantages`` itself so the token batch and the advantages can never
-disagree about which member was replaced.
+docs/design.md section 6. For each group the gate opened, one rollout gets the prompt's
+teacher completion, the teacher's reward and a teacher flag. Which one: ``replace="worst"``
+(HAPO: the lowest reward, first index on ties), ``"random"`` (a member drawn from a seeded
+generator) or ``"fixed"`` (member ``slot``; LUFFY puts its demonstration in a fixed slot and
+keeps every other rollout). The choice is delegated to ``hapo_kernels.group_advantages``
+itself so the token batch and the advantages can never disagree about which member was
+replaced. The teacher's reward is the constant ``teacher_reward``, or, with ``score=`` (a
+reward function), the demonstration's own score: a verified teacher that is not optimal
+gets the reward it earns.
 """
 from __future__ import annotations
 
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
 import hapo_kernels as hk
 from hapo_kernels.inputs import check_groups
-from hapo_kernels.options import TEACHER_REWARD
+from hapo_kernels.options import REPLACE, TEACHER_REWARD, choice
 
 __all__ = ["RolloutBatch", "inject_successes", "lookup_demo"]
 
@@ -75,7 +79,9 @@ def lookup_demo(demos: Any, key: Any) -> Optional[torch.Tensor]:
 
 
 def inject_successes(batch: Any, demos: Any, inject: torch.Tensor, group_size: int, *,
-                     teacher_reward: float = TEACHER_REWARD,
+                     teacher_reward: float = TEACHER_REWARD, replace: str = "worst",
+                     slot: int = 0, generator: Optional[torch.Generator] = None,
+                     score: Optional[Callable] = None,
                      pad_token_id: int = 0) -> Tuple[Any, torch.Tensor]:
     """Replace one rollout per injected group by its prompt's teacher demonstration.
 
@@ -85,6 +91,13 @@ def inject_successes(batch: Any, demos: Any, inject: torch.Tensor, group_size: i
         demos: teacher completions looked up by the group's ``prompt_index`` (see
             ``lookup_demo``). A group without one is not injected.
         inject: bool ``[P]`` from the gate.
+        teacher_reward: the demonstration's reward when ``score`` is None.
+        replace: ``"worst"``, ``"random"`` (one member per group drawn from ``generator``,
+            a CPU ``torch.Generator``; every group draws, injected or not, so the stream
+            does not depend on the gate) or ``"fixed"`` (member ``slot``).
+        score: a reward function ``(prompt_ids, completion_ids, completion_mask) ->
+            rewards`` (the trainer's): each demonstration, as written into the batch, is
+            scored by it and that score is its reward.
     Returns:
         ``(new_batch, replaced)``: a batch of the same type with new ``completion_ids``,
         ``completion_mask``, ``rewards`` and ``teacher_mask`` tensors (the input is never
@@ -99,6 +112,13 @@ def inject_successes(batch: Any, demos: Any, inject: torch.Tensor, group_size: i
     old_teacher = batch.get("teacher_mask") if isinstance(batch, dict) else \
         getattr(batch, "teacher_mask", None)
     P = check_groups(rewards, group_size, inject)
+    choice("replace", replace, REPLACE)
+    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < group_size:
+        raise ValueError(f"slot must be an int in [0, {group_size}), got {slot!r}")
+    if replace == "random" and not isinstance(generator, torch.Generator):
+        raise ValueError('replace="random" needs generator= (a seeded torch.Generator)')
+    if score is not None and not callable(score):
+        raise ValueError(f"score must be a reward function or None, got {score!r}")
     N, width = completion.shape if completion.dim() == 2 else (None, None)
     if completion.dim() != 2 or N != rewards.numel():
         raise ValueError(f"completion_ids must be [N={rewards.numel()}, L], got "
@@ -112,8 +132,13 @@ def inject_successes(batch: Any, demos: Any, inject: torch.Tensor, group_size: i
     keys = prompt_index.reshape(P, group_size)[:, 0].tolist()
     found = [lookup_demo(demos, k) if bool(inject[p]) else None for p, k in enumerate(keys)]
     effective = torch.tensor([d is not None for d in found], device=rewards.device)
-    _, replaced = hk.group_advantages(rewards, group_size, effective,
-                                      teacher_reward=teacher_reward)
+    index = None
+    if replace == "random":
+        index = torch.randint(0, group_size, (P,), generator=generator).to(rewards.device)
+    elif replace == "fixed":
+        index = torch.full((P,), slot, dtype=torch.long, device=rewards.device)
+    _, replaced = hk.group_advantages(rewards, group_size, effective, replace_index=index,
+                                      replace=replace, teacher_reward=teacher_reward)
 
     completion, mask, rewards = completion.clone(), mask.clone(), rewards.clone()
     teacher = (torch.zeros(N, dtype=torch.bool, device=rewards.device)
@@ -132,6 +157,16 @@ def inject_successes(batch: Any, demos: Any, inject: torch.Tensor, group_size: i
         mask[row, :demo.numel()] = 1
         rewards[row] = teacher_reward
         teacher[row] = True
+    rows = (torch.nonzero(replaced >= 0).flatten() * group_size
+            + replaced[replaced >= 0]).to(rewards.device)
+    if score is not None and rows.numel():
+        prompts = _get(batch, "prompt_ids")
+        scored = torch.as_tensor(score(prompts[rows], completion[rows], mask[rows]),
+                                 dtype=rewards.dtype, device=rewards.device).reshape(-1)
+        if scored.numel() != rows.numel() or not bool(torch.isfinite(scored).all()):
+            raise ValueError(f"score must return one finite reward per demonstration "
+                             f"({rows.numel()}), got {scored.tolist()}")
+        rewards[rows] = scored
 
     new = {"completion_ids": completion, "completion_mask": mask, "rewards": rewards,
            "teacher_mask": teacher}

@@ -75,6 +75,8 @@ class HAPOTrainer:
         self.loss_fn = HAPOLoss(config)
         self.device = next(policy.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        # replace="random": SSI's draws, on their own stream so sampling does not shift.
+        self.ssi_generator = torch.Generator().manual_seed(config.seed)
         self.global_step = 0
         self.history: List[dict] = []
 
@@ -179,11 +181,19 @@ class HAPOTrainer:
             inject = torch.zeros(P, dtype=torch.bool, device=self.device)
         batch = RolloutBatch(prompts, completion, cmask, rewards,
                              torch.arange(P, device=self.device).repeat_interleave(G))
-        batch, replaced = inject_successes(batch, step_demos, inject, G,
-                                           teacher_reward=cfg.advantages.teacher_reward,
-                                           pad_token_id=cfg.pad_token_id)
-        advantages, _ = hk.group_advantages(rewards, G, inject=replaced >= 0,
-                                            options=cfg.advantages)
+        replace = cfg.advantages.replace
+        batch, replaced = inject_successes(
+            batch, step_demos, inject, G, teacher_reward=cfg.advantages.teacher_reward,
+            replace=replace, generator=self.ssi_generator,
+            score=self.reward_fn if cfg.score_teacher else None, pad_token_id=cfg.pad_token_id)
+        injected = replaced >= 0
+        # The teacher's reward per group as SSI wrote it (scored, or the constant).
+        teacher_rewards = torch.where(
+            injected, batch.rewards.reshape(P, G).gather(1, replaced.clamp(min=0)[:, None])[:, 0],
+            float(cfg.advantages.teacher_reward)).float()
+        advantages, _ = hk.group_advantages(
+            rewards, G, inject=injected, replace_index=None if replace == "worst" else replaced,
+            teacher_rewards=teacher_rewards, options=cfg.advantages)
         advantages = advantages.float()
 
         input_ids = torch.cat([prompts, batch.completion_ids], dim=1)
@@ -207,7 +217,9 @@ class HAPOTrainer:
             "step": self.global_step,
             "success_rate": float((rewards >= cfg.success_threshold).float().mean()),
             "reward_mean": float(rewards.mean()),
-            "injection_rate": float((replaced >= 0).float().mean()),
+            "injection_rate": float(injected.float().mean()),
+            "teacher_reward_mean": (float(teacher_rewards[injected].mean())
+                                    if bool(injected.any()) else None),
             "collapsed_fraction": float((groups == groups[:, :1]).all(1).float().mean()),
             "teacher_token_fraction": float((valid & teacher[:, None]).sum()
                                             / valid.sum().clamp(min=1)),
@@ -304,7 +316,8 @@ class HAPOTrainer:
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "gate": self.gate.state_dict(), "global_step": self.global_step,
-                "generator": self.generator.get_state(), "history": list(self.history),
+                "generator": self.generator.get_state(),
+                "ssi_generator": self.ssi_generator.get_state(), "history": list(self.history),
                 "config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -313,6 +326,8 @@ class HAPOTrainer:
         self.gate.load_state_dict(state["gate"])
         self.global_step = int(state["global_step"])
         self.generator.set_state(state["generator"])
+        if "ssi_generator" in state:          # checkpoints written before it existed
+            self.ssi_generator.set_state(state["ssi_generator"])
         self.history = list(state["history"])
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
