@@ -1,7 +1,10 @@
 """``python -m hapo.demo`` (or ``hapo-demo``): the sparse-reward comparison.
 
-Writes ``summary.json``, ``success.png`` and ``injection.png`` into ``--out`` and prints
-the table. ``--quick`` (2 seeds x 40 steps) takes about two minutes on two CPU cores.
+``--scenario exact-teacher`` (default; the teacher gives the best answer there is) or
+``suboptimal-teacher`` (a verified teacher that earns 0.6 where the policy can earn 1.0).
+Writes ``summary.json``, ``runs.jsonl`` (one line per finished run, written as it goes),
+``reward.png``, ``success.png``, ``injection.png`` and ``final_reward.png`` into ``--out``
+and prints the tables. ``--quick`` takes under a minute per scenario on two CPU cores.
 """
 from __future__ import annotations
 
@@ -15,17 +18,22 @@ from typing import Optional, Sequence
 
 import torch
 
-from .experiment import METHODS, QUICK, Settings, format_table, run_all, summarize
+from .experiment import METHODS, comparisons, format_comparisons, format_table, run_all, summarize
 from .plots import plot_runs
+from .scenarios import SCENARIOS
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line's options (``argv``, else ``sys.argv[1:]``) as a ``Namespace``."""
     p = argparse.ArgumentParser(prog="hapo-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 seeds x 40 steps (~2 min on 2 CPUs)")
+    p.add_argument("--scenario", default="exact-teacher", choices=list(SCENARIOS),
+                   help="the task and its teacher (default exact-teacher)")
+    p.add_argument("--quick", action="store_true", help="the scenario's short settings")
     p.add_argument("--out", default="hapo_demo_out", help="output folder (default hapo_demo_out/)")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2 3; quick: 0 1)")
-    p.add_argument("--steps", type=int, help="training steps per run (default 100; quick: 40)")
+    p.add_argument("--seeds", type=int,
+                   help="number of seeds (default: the scenario's; seeds first-seed ...)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
+    p.add_argument("--steps", type=int, help="training steps per run (default: the scenario's)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the tiny model is fastest on one)")
@@ -36,40 +44,60 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the demo; return what summary.json holds."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = QUICK if args.quick else Settings()
-    if args.seeds:
-        settings = replace(settings, seeds=tuple(args.seeds))
-    if args.steps:
+    scenario = SCENARIOS[args.scenario]
+    settings = scenario.quick if args.quick else scenario.full
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise SystemExit("--seeds must be >= 1")
+        settings = replace(settings, seeds=tuple(range(args.first_seed,
+                                                       args.first_seed + args.seeds)))
+    elif args.first_seed:
+        settings = replace(settings, seeds=tuple(s + args.first_seed for s in settings.seeds))
+    if args.steps is not None:
         if args.steps < 1:
             raise SystemExit("--steps must be >= 1")
         settings = replace(settings, steps=args.steps)
-    if args.methods:
-        settings = replace(settings, methods=tuple(args.methods))
+    settings = replace(settings, methods=tuple(args.methods or METHODS))
     os.makedirs(args.out, exist_ok=True)
-    print(f"hapo demo: reverse {settings.length} digits, reward 1 only for an exact match; "
+    task = scenario.task
+    print(f"hapo demo, scenario {scenario.name}: {scenario.description}; "
           f"{len(settings.seeds)} seeds x {settings.steps} steps x "
           f"{settings.prompts_per_step} prompts x G={settings.group_size}")
     start = time.perf_counter()
-    runs = run_all(settings)
-    summary = summarize(runs)
+    log_path = os.path.join(args.out, "runs.jsonl")
+    with open(log_path, "w") as log:
+        def on_run(r):
+            log.write(json.dumps(r) + "\n")
+            log.flush()
+        runs = run_all(settings, scenario=scenario, on_run=on_run)
+    summary = summarize(runs, teacher_reward=task.teacher_reward)
+    pairs = comparisons(summary)
     elapsed = time.perf_counter() - start
-    result = {"settings": asdict(settings), "command": "python -m hapo.demo " +
+    result = {"scenario": {"name": scenario.name, "description": scenario.description,
+                           "teacher_reward": task.teacher_reward},
+              "settings": asdict(settings), "command": "python -m hapo.demo " +
               " ".join(sys.argv[1:] if argv is None else argv),
-              "wall_seconds": elapsed, "methods": summary,
+              "wall_seconds": elapsed, "methods": summary, "comparisons": pairs,
               "curves": {f"{r['method']}/seed{r['seed']}": r["curves"] for r in runs}}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(result, f, indent=1)
     try:
-        plots = plot_runs(runs, args.out)
+        plots = plot_runs(runs, args.out, title=scenario.name,
+                          teacher_reward=task.teacher_reward)
     except ImportError as e:        # matplotlib is an optional dependency
         plots = []
         print(f"(no plots: {e})")
     print()
     print(format_table(summary))
-    print(f"\nfinal success: temperature-1 samples on {settings.eval_prompts} held-out prompts "
-          f"x {settings.eval_samples}; steps to 50%: 5-step moving average, mean over the "
-          f"seeds that reach it")
-    print(f"wrote {', '.join([os.path.join(args.out, 'summary.json')] + plots)} "
+    print(f"\nfinal reward: temperature-1 samples on {settings.eval_prompts} held-out prompts "
+          f"x {settings.eval_samples}, mean ± std over seeds, 95% bootstrap interval of the "
+          f"mean; beats teacher: seeds whose final reward is above the teacher's "
+          f"({task.teacher_reward}); final success: reward >= 0.5; steps to 50%: 5-step "
+          f"moving average of the rollout success rate, mean over the seeds that reach it")
+    if pairs:
+        print("\npaired by seed (final reward, first minus second):")
+        print(format_comparisons(pairs))
+    print(f"wrote {', '.join([os.path.join(args.out, 'summary.json'), log_path] + plots)} "
           f"in {elapsed:.0f}s")
     return result
 
