@@ -203,3 +203,29 @@ def test_uneven_groups_decide_like_each_group_alone():
     assert alone == inject.tolist()
     with pytest.raises(ValueError, match="exactly one of group_size"):
         gate.decide(rewards, 11, group_offsets=offsets)
+
+
+def test_comparison_at_the_boundary():
+    """N = 8, gamma = 0.8: S = 7 gives a posterior mean of exactly 8/10 = 0.8, which "<"
+    does not inject and "<=" does; S = 8 (9/10) neither."""
+    rewards = groups_with_successes([6, 7, 8])
+    assert ThompsonGate().decide(rewards, 8).tolist() == [True, False, False]
+    assert ThompsonGate(comparison="<=").decide(rewards, 8).tolist() == [True, True, False]
+    # P(inject | mu = 0.9) = P(S <= 6) against P(S <= 7) = 1 - 0.9^8.
+    below = ThompsonGate().injection_probability(0.9, 8)
+    at_or_below = ThompsonGate(comparison="<=").injection_probability(0.9, 8)
+    assert below == pytest.approx(1 - 0.9 ** 8 - 8 * 0.1 * 0.9 ** 7)
+    assert at_or_below == pytest.approx(1 - 0.9 ** 8)
+    assert round(below, 4) == 0.1869 and round(at_or_below, 4) == 0.5695
+
+
+def test_comparison_option_checked_and_saved():
+    with pytest.raises(ValueError, match="comparison"):
+        ThompsonGate(comparison="<<")
+    state = ThompsonGate(comparison="<=").state_dict()
+    assert state["config"]["comparison"] == "<="
+    with pytest.raises(ValueError, match="comparison"):
+        ThompsonGate().load_state_dict(state)
+    # A state saved before the option existed loads into the default gate.
+    del state["config"]["comparison"]
+    ThompsonGate().load_state_dict(state)

@@ -141,3 +141,82 @@ def test_bad_inject_and_demo_raise():
         inject_successes(batch, {0: torch.tensor([[5]])}, torch.ones(3, dtype=torch.bool), G)
     with pytest.raises(ValueError, match="group_size"):
         inject_successes(batch, {0: [5]}, torch.ones(12, dtype=torch.bool), 1)
+
+
+def test_fixed_slot_replaces_that_member_whatever_its_reward():
+    """LUFFY's layout: the demonstration in slot 2 of every injected group, even where
+    that member succeeded; every other rollout is kept."""
+    batch = make_batch(rewards=torch.tensor([0.0, 1.0, 0.9, 0.0] * 3))
+    demos = {p: torch.tensor([7, 8, 9]) for p in range(3)}
+    inject = torch.tensor([True, False, True])
+    new, replaced = inject_successes(batch, demos, inject, G, replace="fixed", slot=2,
+                                     teacher_reward=0.5)
+    assert replaced.tolist() == [2, -1, 2]
+    assert new.teacher_mask.tolist() == [i in (2, 10) for i in range(3 * G)]
+    assert new.rewards[[2, 10]].tolist() == [0.5, 0.5]
+    assert new.completion_ids[10, :3].tolist() == [7, 8, 9]
+    adv, adv_replaced = hk.group_advantages(batch.rewards, G, replaced >= 0,
+                                            replace_index=replaced, replace="fixed",
+                                            teacher_reward=0.5)
+    assert torch.equal(adv_replaced, replaced)
+
+
+def test_random_member_is_seeded_and_agrees_with_group_advantages():
+    P = 40
+    batch = make_batch(P=P, rewards=torch.rand(P * G))
+    demos = {p: torch.tensor([7]) for p in range(P)}
+    inject = torch.rand(P) > 0.3
+
+    def draw(seed):
+        return inject_successes(batch, demos, inject, G, replace="random",
+                                generator=torch.Generator().manual_seed(seed))
+
+    (new, replaced), (_, again) = draw(3), draw(3)
+    assert torch.equal(replaced, again)                    # reproducible given the seed
+    assert not torch.equal(replaced, draw(4)[1])
+    hit = replaced[inject]
+    assert set(hit.tolist()) == set(range(G))              # not only the worst member
+    assert (replaced[~inject] == -1).all()
+    rows = torch.nonzero(inject).flatten() * G + hit
+    assert new.teacher_mask.nonzero().flatten().tolist() == rows.tolist()
+    ref, ref_replaced = reference.group_advantages(batch.rewards, G, inject,
+                                                   replace_index=replaced, replace="random")
+    assert torch.equal(ref_replaced, replaced)
+
+
+def test_score_gives_each_demonstration_its_own_reward():
+    """With score=, the teacher's reward is the reward function's score of the
+    demonstration as written into the batch (here: its length / 10)."""
+    batch = make_batch()
+    demos = {0: torch.tensor([7, 8]), 2: torch.tensor([9, 10, 11, 12, 13, 14])}
+    seen = {}
+
+    def score(prompt_ids, completion_ids, completion_mask):
+        seen["shape"] = tuple(completion_ids.shape)
+        seen["prompts"] = prompt_ids.clone()
+        return completion_mask.sum(1).float() / 10
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                    # the long demo is truncated
+        new, replaced = inject_successes(batch, demos, torch.tensor([True, True, True]), G,
+                                         teacher_reward=1.0, score=score)
+    assert replaced.tolist() == [0, -1, 0]                  # prompt 1 has no demo
+    assert seen["shape"] == (2, LC)
+    assert torch.equal(seen["prompts"], batch.prompt_ids[[0, 8]])
+    torch.testing.assert_close(new.rewards[[0, 8]], torch.tensor([0.2, 0.5]))
+    torch.testing.assert_close(new.rewards[1:8], batch.rewards[1:8])
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(replace="best"), "replace"),
+    (dict(replace="fixed", slot=G), "slot"),
+    (dict(replace="fixed", slot=True), "slot"),
+    (dict(replace="random"), "generator"),
+    (dict(score=1.0), "score"),
+    (dict(score=lambda p, c, m: torch.ones(5)), "score"),
+    (dict(score=lambda p, c, m: torch.full((c.shape[0],), float("nan"))), "score"),
+])
+def test_bad_replacement_options_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        inject_successes(make_batch(), {0: torch.tensor([7])}, torch.tensor([True] * 3), G,
+                         **kwargs)

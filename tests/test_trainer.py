@@ -189,3 +189,40 @@ def test_teacher_rows_reach_the_loss_with_the_ssi_advantage():
     want, _ = reference.group_advantages(torch.zeros(8), 4, torch.tensor([True, True]))
     torch.testing.assert_close(seen["advantages"], want.float())
     assert seen["advantages"][0] > 0 > seen["advantages"][1]
+
+
+def test_scored_teacher_fixed_slot_and_constant_teacher():
+    """score_teacher (default): the teacher's reward is the reward function's score of the
+    demonstration; replace="fixed" puts it in member 0 of every group whatever the
+    rewards; score_teacher=False uses the constant teacher_reward."""
+    from hapo_kernels import reference
+
+    def half_reward(prompt_ids, completion_ids, completion_mask):
+        return 0.5 * TASK.reward(prompt_ids, completion_ids, completion_mask)
+
+    for score, want_teacher in ((True, 0.5), (False, 2.0)):
+        torch.manual_seed(0)
+        policy = TinyCausalLM(TASK.vocab_size, max_len=12, d_model=16, n_layers=1,
+                              n_heads=2, d_ff=32)
+        cfg = HAPOConfig.from_kwargs(max_new_tokens=TASK.length, progress=False, group_size=4,
+                                     inject="always", replace="fixed", scale="none",
+                                     teacher_reward=2.0, score_teacher=score)
+        tr = HAPOTrainer(policy, torch.optim.Adam(policy.parameters()), half_reward,
+                         TASK.demo, cfg)
+        seen = {}
+        inner = tr.loss_fn
+
+        def recording(logits, targets, advantages, seen=seen, inner=inner, **kw):
+            seen.update(advantages=advantages.clone(), teacher=kw["teacher_mask"].clone())
+            return inner(logits, targets, advantages, **kw)
+
+        tr.loss_fn = recording
+        m = tr.step(prompts(2))
+        assert m["teacher_reward_mean"] == pytest.approx(want_teacher)
+        assert seen["teacher"].tolist() == [True, False, False, False] * 2
+        want, _ = reference.group_advantages(torch.zeros(8), 4, torch.tensor([True, True]),
+                                             teacher_rewards=torch.full((2,), want_teacher),
+                                             replace="fixed", scale="none")
+        torch.testing.assert_close(seen["advantages"], want.float())
+    with pytest.raises(ValueError, match="score_teacher"):
+        HAPOConfig(score_teacher=1)

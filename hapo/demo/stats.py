@@ -44,7 +44,8 @@ def bootstrap_mean_ci(values: Sequence[float], level: float = 0.95, resamples: i
 
 def sign_flip_p_value(diffs: Sequence[float], resamples: int = 200_000, seed: int = 0) -> float:
     """Two-sided p-value of the paired permutation test of mean difference 0: every sign
-    pattern of the differences (exact up to 20 pairs), else ``resamples`` random ones."""
+    pattern of the differences (exact up to 20 pairs), else ``resamples`` random ones
+    (then ``(hits + 1) / (resamples + 1)``, never 0)."""
     d = torch.tensor([float(v) for v in diffs], dtype=torch.float64)
     n = d.numel()
     if n == 0 or bool((d == 0).all()):
@@ -56,8 +57,10 @@ def sign_flip_p_value(diffs: Sequence[float], resamples: int = 200_000, seed: in
         g = torch.Generator().manual_seed(seed)
         signs = torch.randint(0, 2, (resamples, n), generator=g).double() * 2 - 1
     observed = abs(float(d.mean()))
-    flipped = (signs * d).mean(1).abs()
-    return float((flipped >= observed - 1e-12).double().mean())
+    hits = int(((signs * d).mean(1).abs() >= observed - 1e-12).sum())
+    if n <= 20:
+        return hits / signs.shape[0]
+    return (hits + 1) / (resamples + 1)
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple:
