@@ -41,10 +41,11 @@ class HAPOConfig:
     ``gate_comparison`` (``"<"``, the paper's, or ``"<="``: inject also when the statistic
     equals gamma_t; see ``ThompsonGate``).
 
-    The teacher's reward: with ``score_teacher`` (default) SSI scores each demonstration
-    with the trainer's reward function, as it scores the rollouts (a teacher that is
-    verified but not optimal gets its true reward); ``score_teacher=False`` gives every
-    demonstration the constant ``advantages.teacher_reward``. Which member a demonstration
+    The teacher's reward: with ``score_teacher`` (default) ``HAPOTrainer``'s SSI scores each
+    demonstration with the trainer's reward function, as it scores the rollouts (a teacher
+    that is verified but not optimal gets its true reward); ``score_teacher=False`` gives
+    every demonstration the constant ``advantages.teacher_reward`` (as the TRL and verl
+    integrations still do). Which member a demonstration
     replaces is ``advantages.replace``: ``"worst"`` (HAPO), ``"random"`` (drawn from a
     generator seeded by ``seed``) or ``"fixed"`` (member 0, LUFFY's layout).
 
