@@ -223,3 +223,22 @@ def test_console_entry_point_returns_none(tmp_path, tiny_scenarios):
 def test_cli_rejects_bad_arguments(argv, tmp_path):
     with pytest.raises(SystemExit):
         main(argv + ["--out", str(tmp_path)])
+
+
+def test_cli_merge_summarizes_runs_split_over_processes(tmp_path, tiny_scenarios):
+    """Two processes (--first-seed) merged give the summary of one run over both seed sets."""
+    a, b, merged, whole = (tmp_path / n for n in ("a", "b", "merged", "whole"))
+    common = ["--scenario", "suboptimal-teacher", "--steps", "2", "--methods", "grpo", "luffy"]
+    run(common + ["--out", str(a), "--seeds", "1"])
+    run(common + ["--out", str(b), "--seeds", "1", "--first-seed", "1"])
+    one = run(common + ["--out", str(whole), "--seeds", "2"])
+    result = run(common + ["--out", str(merged), "--merge", str(a), str(b)])
+    assert result["methods"]["luffy"]["seeds"] == [0, 1]
+    for method in ("grpo", "luffy"):
+        assert result["methods"][method]["final_reward_per_seed"] == \
+            one["methods"][method]["final_reward_per_seed"]
+    assert result["comparisons"] == one["comparisons"]
+    with open(merged / "runs.jsonl") as f:
+        assert len(f.readlines()) == 4
+    with pytest.raises(SystemExit):
+        run(common + ["--out", str(merged), "--merge", str(a), str(a)])

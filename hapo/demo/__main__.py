@@ -5,6 +5,8 @@
 Writes ``summary.json``, ``runs.jsonl`` (one line per finished run, written as it goes),
 ``reward.png``, ``success.png``, ``injection.png`` and ``final_reward.png`` into ``--out``
 and prints the tables. ``--quick`` takes under a minute per scenario on two CPU cores.
+``--merge DIR ...`` trains nothing: it summarizes the ``runs.jsonl`` of earlier runs (a long
+run split over processes by ``--first-seed``/``--seeds``) into ``--out``.
 """
 from __future__ import annotations
 
@@ -37,7 +39,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the tiny model is fastest on one)")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="summarize the runs.jsonl of these output folders instead of training")
     return p.parse_args(argv)
+
+
+def load_runs(folders: Sequence[str], methods: Sequence[str]) -> list:
+    """The runs in ``folders``' runs.jsonl files, by method order then seed (a seed run twice
+    for a method is an error)."""
+    runs, seen = [], set()
+    for folder in folders:
+        with open(os.path.join(folder, "runs.jsonl")) as f:
+            for line in f:
+                r = json.loads(line)
+                key = (r["method"], r["seed"])
+                if key in seen:
+                    raise SystemExit(f"{r['method']} seed {r['seed']} appears twice in {folders}")
+                seen.add(key)
+                runs.append(r)
+    order = {m: i for i, m in enumerate(methods)}
+    return sorted((r for r in runs if r["method"] in order),
+                  key=lambda r: (order[r["method"]], r["seed"]))
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
@@ -65,11 +87,23 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
           f"{settings.prompts_per_step} prompts x G={settings.group_size}")
     start = time.perf_counter()
     log_path = os.path.join(args.out, "runs.jsonl")
-    with open(log_path, "w") as log:
-        def on_run(r):
-            log.write(json.dumps(r) + "\n")
-            log.flush()
-        runs = run_all(settings, scenario=scenario, on_run=on_run)
+    if args.merge:
+        runs = load_runs(args.merge, settings.methods)
+        steps = {len(r["curves"]["success_rate"]) for r in runs}
+        if len(steps) != 1:
+            raise SystemExit(f"--merge needs runs of one length, got {sorted(steps) or 'none'}")
+        settings = replace(settings, seeds=tuple(sorted({r["seed"] for r in runs})),
+                           steps=steps.pop(),
+                           methods=tuple(dict.fromkeys(r["method"] for r in runs)))
+        if os.path.abspath(args.out) not in {os.path.abspath(d) for d in args.merge}:
+            with open(log_path, "w") as log:
+                log.writelines(json.dumps(r) + "\n" for r in runs)
+    else:
+        with open(log_path, "w") as log:
+            def on_run(r):
+                log.write(json.dumps(r) + "\n")
+                log.flush()
+            runs = run_all(settings, scenario=scenario, on_run=on_run)
     summary = summarize(runs, teacher_reward=task.teacher_reward)
     pairs = comparisons(summary)
     elapsed = time.perf_counter() - start
@@ -77,7 +111,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                            "teacher_reward": task.teacher_reward},
               "settings": asdict(settings), "command": "python -m hapo.demo " +
               " ".join(sys.argv[1:] if argv is None else argv),
-              "wall_seconds": elapsed, "methods": summary, "comparisons": pairs,
+              "wall_seconds": elapsed,
+              "train_seconds_total": sum(r["train_seconds"] for r in runs),
+              "merged_from": list(args.merge or []), "methods": summary, "comparisons": pairs,
               "curves": {f"{r['method']}/seed{r['seed']}": r["curves"] for r in runs}}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(result, f, indent=1)
