@@ -99,6 +99,29 @@ def test_given_member_and_teacher_rewards(backend, replace, scale, stats, G):
         torch.testing.assert_close(adv.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stats", ["all", "on-policy"])
+def test_given_member_uneven_groups(backend, stats):
+    """group_offsets with replace="fixed"/"random": the member counted from each group's
+    first; a member past a group's end is refused."""
+    g = torch.Generator().manual_seed(5)
+    offsets = torch.tensor([0, 3, 4, 9, 11])
+    rewards = torch.rand(11, generator=g)
+    inject = torch.tensor([True, False, True, True])
+    index = torch.tensor([2, -1, 4, 1])
+    teacher_r = torch.tensor([0.6, 0.0, 1.5, -0.2])
+    adv, replaced = hk.group_advantages(rewards, group_offsets=offsets, inject=inject,
+                                        replace_index=index, teacher_rewards=teacher_r,
+                                        replace="random", stats=stats)
+    assert replaced.tolist() == [2, -1, 4, 1]
+    ref, _ = R.group_advantages(rewards, group_offsets=offsets, inject=inject,
+                                replace_index=index, teacher_rewards=teacher_r,
+                                replace="random", stats=stats)
+    torch.testing.assert_close(adv.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="replace_index"):
+        hk.group_advantages(rewards, group_offsets=offsets, inject=inject, replace="fixed",
+                            replace_index=torch.tensor([3, -1, 0, 0]))
+
+
 def test_given_member_by_hand(backend):
     """G = 4, rewards [0, 1, 0, 1], the teacher in slot 1 scored 0.6, scale "none": the
     substituted group is [0, 0.6, 0, 1], mean 0.4 (all) or 1/3 (on-policy)."""

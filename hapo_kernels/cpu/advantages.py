@@ -1,11 +1,10 @@
 """Group advantages with SSI substitution on CPU tensors (docs/design.md section 6).
 
 Vectorised over groups in float32: the groups (``offsets``, any sizes) are laid out as the
-rows of a ``[P, G_max]`` block with a membership mask; then substitute the worst member of
-each injected group (the given ``replace_index``, else the lowest reward, first index on
-ties), then the mean and Bessel std per
-group (or one std for the batch) over the counted members. A group of one rollout has mean 0
-and std 1 (verl's GRPO rule: its advantage is its reward).
+rows of a ``[P, G_max]`` block with a membership mask; then substitute one member of each
+injected group (the given ``replace_index``, else the lowest reward, first index on ties),
+then the mean and Bessel std per group (or one std for the batch) over the counted members.
+A group of one rollout has mean 0 and std 1 (verl's GRPO rule: its advantage is its reward).
 """
 from __future__ import annotations
 

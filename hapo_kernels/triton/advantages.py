@@ -3,11 +3,11 @@
 One program per group; group p is ``rewards[offsets[p]:offsets[p+1]]`` (any sizes) and its
 rewards sit in one block (the largest group padded to a power of two). The program
 substitutes one member of an injected group (the given index, else the worst, first index
-on ties) by the teacher's reward (per group, else ``teacher_reward``), computes the group mean and Bessel std over the counted members
-(``stats``; a group of one rollout has mean 0 and std 1, verl's GRPO rule), and writes the
-advantages and the replaced index. ``scale="batch"`` needs one std over the whole batch: a
-first launch writes the substituted rewards, torch reduces them, and a second launch
-divides by that std.
+on ties) by the teacher's reward (per group, else ``teacher_reward``), computes the group
+mean and Bessel std over the counted members (``stats``; a group of one rollout has mean 0
+and std 1, verl's GRPO rule), and writes the advantages and the replaced index.
+``scale="batch"`` needs one std over the whole batch: a first launch writes the substituted
+rewards, torch reduces them, and a second launch divides by that std.
 """
 from __future__ import annotations
 
