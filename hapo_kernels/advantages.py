@@ -42,7 +42,9 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     (``AdvantageOptions``, as keywords or ``options=``): ``scale`` ``"group"``
     ``(r - mean) / (std + eps)``, ``"batch"`` (one std for the batch) or ``"none"``
     ``(r - mean)``; ``stats`` ``"all"`` members or ``"on-policy"`` (teacher excluded from
-    mean and std); ``eps``; ``teacher_reward``. Never NaN.
+    mean and std, and a zero std counts as 1, LUFFY's rule); ``eps``; ``teacher_reward``.
+    A non-finite reward is a ``ValueError`` naming its group, raised before any kernel or
+    collective. Never NaN.
 
     ``process_group`` (data-parallel): ``rewards`` is this rank's contiguous slice of the
     global batch in rank order (groups may span ranks); the rewards are all-gathered,

@@ -83,8 +83,30 @@ def _check_rewards(rewards: Any) -> None:
         raise ValueError(f"rewards must be real numbers, got {rewards.dtype}")
 
 
+def check_finite_rewards(rewards: torch.Tensor, *, group_size: Optional[int] = None,
+                         offsets: Optional[torch.Tensor] = None) -> None:
+    """A non-finite reward is a ``ValueError`` naming its group (groups of ``group_size``,
+    or ``rewards[offsets[p]:offsets[p+1]]``). A NaN would make its group's (or, with
+    ``scale="batch"``, the batch's) statistics NaN: never zeroed silently. One reduction
+    over the rewards on their device."""
+    if not rewards.dtype.is_floating_point or bool(torch.isfinite(rewards).all()):
+        return
+    i = int(torch.nonzero(~torch.isfinite(rewards))[0])
+    if offsets is None:
+        group, lo, hi = i // group_size, i - i % group_size, i - i % group_size + group_size
+    else:
+        group = int(torch.searchsorted(offsets, torch.tensor(i, device=offsets.device),
+                                       right=True)) - 1
+        lo, hi = (int(v) for v in offsets[group:group + 2].tolist())
+    raise ValueError(f"rewards must be finite: rewards[{i}] = {float(rewards[i])} in group "
+                     f"{group} (rollouts {lo} .. {hi - 1})")
+
+
 def check_groups(rewards: Any, group_size: Any, inject: Any = None) -> int:
-    """Validate group inputs (docs/design.md section 6); return the number of groups P."""
+    """Validate group inputs (docs/design.md section 6); return the number of groups P.
+
+    A non-finite reward is a ``ValueError`` naming its group (``check_finite_rewards``).
+    """
     _check_rewards(rewards)
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise ValueError(f"group_size must be an int, got {group_size!r}")
@@ -95,6 +117,7 @@ def check_groups(rewards: Any, group_size: Any, inject: Any = None) -> int:
         raise ValueError(f"group_size={group_size} does not divide the batch of "
                          f"{rewards.numel()} rewards")
     P = rewards.numel() // group_size
+    check_finite_rewards(rewards, group_size=group_size)
     if inject is not None:
         if not isinstance(inject, torch.Tensor) or tuple(inject.shape) != (P,):
             raise ValueError(f"inject must be a bool tensor of shape ({P},), got "
@@ -143,6 +166,7 @@ def group_offsets_of(rewards: Any, group_size: Any = None, group_offsets: Any = 
         raise ValueError("group_offsets must be strictly increasing (every group holds at "
                          "least one reward)")
     P = offsets.numel() - 1
+    check_finite_rewards(rewards, offsets=offsets)
     if inject is not None:
         if not isinstance(inject, torch.Tensor) or tuple(inject.shape) != (P,):
             raise ValueError(f"inject must be a bool tensor of shape ({P},), got "

@@ -314,7 +314,8 @@ class AdvantageOptions(_Options):
     Args:
         scale: ``"group"`` ``(r - mean) / (std + eps)``, ``"batch"`` (one std for the batch)
             or ``"none"`` (``r - mean``, Dr. GRPO).
-        stats: mean and std over ``"all"`` members or the ``"on-policy"`` ones only.
+        stats: mean and std over ``"all"`` members or the ``"on-policy"`` ones only
+            (LUFFY's rule: a zero on-policy std counts as 1).
         eps: added to the std.
         teacher_reward: the reward of a substituted teacher demonstration (a per-group
             tensor, ``group_advantages(teacher_rewards=)``, overrides it).

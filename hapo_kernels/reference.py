@@ -214,6 +214,8 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
             adv.append(r - mean)
             continue
         std = batch_std if opts.scale == "batch" else (zero + 1 if single else _std(members))
+        if opts.stats == "on-policy" and std == 0:
+            std = torch.ones_like(std)                   # LUFFY: a zero std counts as 1
         denom = std + opts.eps
         # eps = 0 with a constant group would be 0/0: no signal, A = 0.
         adv.append((r - mean) / denom if denom > 0 else torch.zeros_like(r))

@@ -164,6 +164,41 @@ def test_bad_replacement(backend, kwargs, name):
                             **kwargs)
 
 
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_on_policy_zero_std_counts_as_one(backend, scale):
+    """LUFFY's rule: every rollout failed, the teacher is left out of the statistics, whose
+    std is then 0; it counts as 1, so the teacher gets 1 / (1 + eps), not 1 / eps."""
+    rewards = torch.cat([torch.zeros(8), torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])])
+    inject = torch.tensor([True, False])
+    adv, replaced = hk.group_advantages(rewards, 8, inject, stats="on-policy", scale=scale)
+    ref, _ = R.group_advantages(rewards, 8, inject, stats="on-policy", scale=scale)
+    torch.testing.assert_close(adv.double(), ref, rtol=1e-5, atol=1e-5)
+    assert replaced.tolist() == [0, -1]
+    if scale == "group":
+        assert adv[0].item() == pytest.approx(1 / (1 + 1e-4), rel=1e-6)
+        assert torch.equal(adv[1:8], torch.zeros(7))
+    assert adv.abs().max() < 3
+    # The whole batch failed: the batch's on-policy std is 0 and counts as 1 too.
+    adv, _ = hk.group_advantages(torch.zeros(16), 8, inject, stats="on-policy", scale=scale)
+    assert adv[0].item() == pytest.approx(1 / (1 + 1e-4), rel=1e-6)
+    assert torch.equal(adv[1:], torch.zeros(15))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_non_finite_reward_names_its_group(backend, bad, scale):
+    """Never zeroed silently (a NaN made its group, or with scale="batch" the batch, all
+    zeros; with inject= the CPU path replaced the NaN member, the kernel another one)."""
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    rewards[9] = bad
+    for inject in (None, torch.tensor([True, False, True])):
+        with pytest.raises(ValueError, match=r"rewards\[9\].*group 2"):
+            hk.group_advantages(rewards, 4, inject, scale=scale)
+    x, y = torch.randn(12, 3, 5), torch.randint(0, 5, (12, 3))
+    with pytest.raises(ValueError, match="group 2"):
+        hk.fused_hapo_loss(x, y, rewards=rewards, group_size=4)
+
+
 def test_integer_rewards_and_empty_batch(backend):
     adv, replaced = hk.group_advantages(torch.tensor([0, 1, 1, 1]), 2)
     ref, _ = R.group_advantages(torch.tensor([0, 1, 1, 1]), 2)

@@ -127,6 +127,12 @@ def test_group_advantages_by_hand():
     mean, std = 2 / 3, math.sqrt(1 / 3)                  # over [1, 0, 1]
     want = torch.tensor([1 - mean, 1 - mean, 0 - mean, 1 - mean], dtype=torch.float64)
     torch.testing.assert_close(adv, want / (std + 1e-4))
+    # stats="on-policy" with every rollout failed: the on-policy std is 0 and counts as 1
+    # (LUFFY), so the teacher gets 1 / (1 + eps) and each failure 0.
+    adv, _ = R.group_advantages(torch.zeros(8), 8, inject=torch.tensor([True]),
+                                stats="on-policy")
+    torch.testing.assert_close(adv, torch.tensor([1 / (1 + 1e-4)] + [0.0] * 7,
+                                                 dtype=torch.float64))
     # scale="none": r - mean (Dr. GRPO); scale="batch": one std over the batch.
     adv, _ = R.group_advantages(r, 4, scale="none")
     torch.testing.assert_close(adv, torch.tensor([-.5, .5, -.5, .5, .25, .25, -.75, .25],

@@ -3,8 +3,9 @@
 Vectorised over groups in float32: the groups (``offsets``, any sizes) are laid out as the
 rows of a ``[P, G_max]`` block with a membership mask; then substitute one member of each
 injected group (the given ``replace_index``, else the lowest reward, first index on ties),
-then the mean and Bessel std per group (or one std for the batch) over the counted members.
-A group of one rollout has mean 0 and std 1 (verl's GRPO rule: its advantage is its reward).
+then the mean and Bessel std per group (or one std for the batch) over the counted members;
+with ``stats="on-policy"`` a zero std counts as 1 (LUFFY). A group of one rollout has mean 0
+and std 1 (verl's GRPO rule: its advantage is its reward).
 """
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ def group_advantages(rewards: torch.Tensor, offsets: torch.Tensor, inject: Optio
         mb = (w * r).sum() / nb.clamp(min=1.0)
         var = (w * (r - mb) ** 2).sum() / (nb - 1).clamp(min=1.0)
         std = var.sqrt() if nb >= 2 else torch.zeros_like(var)
+    if opts.stats == "on-policy":
+        # LUFFY's rule: a zero on-policy std counts as 1. Else a group whose rollouts all
+        # failed would give its teacher (1 - 0) / eps.
+        std = torch.where(std == 0, torch.ones_like(std), std)
     denom = std + opts.eps
     # eps = 0 with a constant group would be 0/0: such a group has no signal, A = 0.
     adv = torch.where(denom > 0, (r - mean) / torch.where(denom > 0, denom, 1.0),

@@ -4,10 +4,11 @@ One program per group; group p is ``rewards[offsets[p]:offsets[p+1]]`` (any size
 rewards sit in one block (the largest group padded to a power of two). The program
 substitutes one member of an injected group (the given index, else the worst, first index
 on ties) by the teacher's reward (per group, else ``teacher_reward``), computes the group
-mean and Bessel std over the counted members (``stats``; a group of one rollout has mean 0
-and std 1, verl's GRPO rule), and writes the advantages and the replaced index.
-``scale="batch"`` needs one std over the whole batch: a first launch writes the substituted
-rewards, torch reduces them, and a second launch divides by that std.
+mean and Bessel std over the counted members (``stats``; "on-policy" counts a zero std as 1,
+LUFFY's rule; a group of one rollout has mean 0 and std 1, verl's GRPO rule), and writes the
+advantages and the replaced index. ``scale="batch"`` needs one std over the whole batch: a
+first launch writes the substituted rewards, torch reduces them, and a second launch divides
+by that std.
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ def group_advantages_kernel(r_ptr, offsets_ptr, inject_ptr, index_ptr, teacher_r
             std = tl.where(single, 1.0, std)
         else:                                       # "batch": reduced by the caller
             std = tl.load(batch_std_ptr)
+        if STATS == 1:                              # LUFFY: a zero on-policy std counts as 1
+            std = tl.where(std == 0.0, 1.0, std)
         denom = std + eps
         # eps = 0 with a constant group would be 0/0: no signal, A = 0. Never NaN.
         adv = tl.where(denom > 0, centred / tl.where(denom > 0, denom, 1.0), 0.0)
