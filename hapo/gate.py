@@ -123,7 +123,8 @@ class ThompsonGate:
         step = self.step if step is None else step
         if self.schedule is None:
             return self.threshold
-        return number("schedule(step)", self.schedule(step))
+        # A threshold outside [0, 1] would make the gate always (or never) inject.
+        return number("schedule(step)", self.schedule(step), low=0.0, high=1.0)
 
     def successes(self, rewards: torch.Tensor, group_size: Optional[int] = None, *,
                   group_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:

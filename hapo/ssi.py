@@ -59,7 +59,8 @@ def lookup_demo(demos: Any, key: Any) -> Optional[torch.Tensor]:
     """The teacher completion for ``key`` (1-D long tensor) or None where there is none.
 
     ``demos`` is a mapping (missing key: none), a sequence indexed by ``key``
-    (out of range or None: none) or a callable ``key -> completion or None``.
+    (out of range or None: none) or a callable ``key -> completion or None``. An empty
+    demonstration or a negative token id is a ``ValueError`` naming ``demos``.
     """
     if demos is None:
         return None
@@ -73,8 +74,15 @@ def lookup_demo(demos: Any, key: Any) -> Optional[torch.Tensor]:
         return None
     demo = torch.as_tensor(demo)
     if demo.dim() != 1 or demo.dtype.is_floating_point or demo.dtype == torch.bool:
-        raise ValueError(f"the demonstration for prompt {key!r} must be a 1-D integer "
+        raise ValueError(f"demos: the demonstration for prompt {key!r} must be a 1-D integer "
                          f"sequence, got {demo.dtype} of shape {tuple(demo.shape)}")
+    # An empty demonstration would be a "success" with no token to learn from; a negative
+    # id is no token at all (the vocabulary's upper bound is checked by the loss).
+    if demo.numel() == 0:
+        raise ValueError(f"demos: the demonstration for prompt {key!r} is empty")
+    if bool((demo < 0).any()):
+        raise ValueError(f"demos: the demonstration for prompt {key!r} holds a negative "
+                         f"token id ({int(demo.min())})")
     return demo
 
 

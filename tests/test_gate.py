@@ -229,3 +229,21 @@ def test_comparison_option_checked_and_saved():
     # A state saved before the option existed loads into the default gate.
     del state["config"]["comparison"]
     ThompsonGate().load_state_dict(state)
+
+
+@pytest.mark.parametrize("value", [2.0, -0.5, float("nan")])
+def test_schedule_outside_zero_one_is_an_error(value):
+    gate = ThompsonGate(schedule=lambda step: value)
+    with pytest.raises(ValueError, match=r"schedule\(step\)"):
+        gate.decide(torch.zeros(8), 4)
+
+
+def test_non_finite_reward_is_not_a_failure():
+    """A NaN reward used to count as a failure (and open the gate)."""
+    gate = ThompsonGate()
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, float("nan"), 1.0, 1.0])
+    with pytest.raises(ValueError, match="group 1"):
+        gate.decide(rewards, 4)
+    with pytest.raises(ValueError, match=r"group 2 \(rollouts 4 .. 7\)"):
+        gate.decide(rewards, group_offsets=torch.tensor([0, 1, 4, 8]))
+    assert gate.step == 0

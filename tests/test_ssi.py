@@ -220,3 +220,11 @@ def test_bad_replacement_options_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         inject_successes(make_batch(), {0: torch.tensor([7])}, torch.tensor([True] * 3), G,
                          **kwargs)
+
+
+@pytest.mark.parametrize("demo, what", [([], "empty"), ([5, -3, 7], "negative token id")])
+def test_empty_or_negative_demo_names_demos(demo, what):
+    batch = make_batch()
+    with pytest.raises(ValueError, match=f"demos: .*prompt 1.*{what}"):
+        inject_successes(batch, {1: torch.tensor(demo, dtype=torch.long)},
+                         torch.ones(3, dtype=torch.bool), G)
