@@ -359,6 +359,7 @@ def _bad_inputs():
         ("logits", dict(logits=torch.randn(2, 3, 0), target_ids=torch.zeros(2, 3).long())),
         ("logits", dict(logits=x.numpy(), target_ids=y)),
         ("ignore_index", dict(logits=x, target_ids=y, ignore_index=1.5)),
+        ("return_entropy", dict(logits=x, target_ids=y, return_entropy="yes")),
     ]
 
 

@@ -314,6 +314,22 @@ def test_fully_masked_batch(backend):
         assert out.logp.item() == 0.0 and out.kl.item() == 0.0
 
 
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+def test_no_tokens(backend, importance_sampling):
+    """[B, 0, V] logits (every completion empty): loss 0, a [B, 0, V] gradient, on both
+    backends (the CPU path divided by T = 0)."""
+    x = torch.randn(3, 0, 37, requires_grad=True)
+    y = torch.zeros(3, 0, dtype=torch.long)
+    for agg in ("token-mean", "grpo", "dr_grpo", "seq-mean-token-sum"):
+        out = hk.fused_hapo_loss(x, y, torch.randn(3), aggregation=agg,
+                                 importance_sampling=importance_sampling)
+        out.loss.backward()
+        assert out.loss.item() == 0.0 and x.grad.shape == (3, 0, 37)
+        assert out.per_token_logp.shape == (3, 0)
+    logp, ent = hk.selective_log_softmax(x, y, return_entropy=True)
+    assert logp.shape == ent.shape == (3, 0)
+
+
 def test_grad_output_scaling_and_no_grad(backend):
     x, y, adv, kw = make_inputs((2, 3, 37))
     out, grad = run_ours(x, y, adv, kw)
@@ -444,6 +460,7 @@ BAD = [
     (dict(dual_clip=0.5), "dual_clip"),
     (dict(temperature=0.0), "temperature"),
     (dict(max_len=0), "max_len"),
+    (dict(max_len="abc"), "max_len"),
     (dict(normalizer=-1.0), "normalizer"),
     (dict(inplace_grad="yes"), "inplace_grad"),
     (dict(target_ids=torch.full((2, 3), 37)), "target_ids"),

@@ -48,6 +48,8 @@ def row_ranges(tensor: torch.Tensor, step: int) -> List[Tuple[int, int]]:
     whole sequences when they are short, else a piece of one sequence.
     """
     L = row_layout(tensor)
+    if L.rows == 0:                   # [B, 0, V] or [0, V]: nothing to read
+        return []
     if rows_2d(tensor) is not None:
         return [(r0, min(L.rows, r0 + step)) for r0 in range(0, L.rows, step)]
     if L.T <= step:
