@@ -259,11 +259,17 @@ def ours(op: str, inplace: bool = False):
 
     def fn(inp):
         logits = _logits(inp)
+        wrt = logits
+        if inplace:
+            # A view (no copy), as a model's output is a non-leaf: in-place gradients refuse
+            # a leaf. The write makes autograd rebuild the view's grad_fn, so the gradient
+            # is taken w.r.t. the leaf; it is the same [B, T, V] gradient.
+            logits = logits.view_as(logits)
         out = hk.fused_hapo_loss(logits, inp["ids"], inp["adv"], mask=inp["mask"],
                                  old_logp=inp["old"], ref_logp=inp["ref"],
                                  importance_sampling=_level(op), aggregation="token-mean",
                                  inplace_grad=inplace, **LOSS_KW)
-        return {"loss": out.loss.detach(), "grad": _grad(out.loss, logits)}
+        return {"loss": out.loss.detach(), "grad": _grad(out.loss, wrt)}
     return fn
 
 

@@ -257,6 +257,26 @@ def _per_token_tensor(name: str, tensor: Any, batch_shape: tuple, device: torch.
     return tensor
 
 
+def check_finite_where_counted(valid: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    """Each of ``tensors`` (``[B, T]``, or ``[B]`` per sequence) finite on every counted token.
+
+    A non-finite ``old_logp`` makes the ratio infinite: the objective is then ``inf * 0``
+    somewhere, which one backend turns into NaN and another into 0. Tokens outside
+    ``valid`` are never read, whatever they hold. One reduction per tensor, one sync.
+    """
+    named = [(name, t if t.dim() == valid.dim() else t[:, None].expand(valid.shape))
+             for name, t in tensors.items() if t is not None]
+    if not named or valid.numel() == 0:
+        return
+    bad = torch.stack([(~torch.isfinite(t) & valid).any() for _, t in named]).tolist()
+    for (name, t), is_bad in zip(named, bad):
+        if is_bad:
+            where = tuple(int(i) for i in torch.nonzero(~torch.isfinite(t) & valid)[0])
+            raise ValueError(f"{name} must be finite on every counted token; {name}"
+                             f"{list(where)} = {float(t[where])} (mask the token out, or "
+                             f"fix the value)")
+
+
 # --------------------------------------------------------------------------- the container
 @dataclass
 class LossInputs:
@@ -378,6 +398,7 @@ def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
     if mask is not None:
         m = check("mask", mask, False, floating=False)
         valid = valid & (m != 0 if m.dtype.is_floating_point else m.bool())
+    check_finite_where_counted(valid, advantages=adv, old_logp=old, ref_logp=ref)
     teacher = torch.zeros(shape2d, dtype=torch.bool, device=device)
     if teacher_mask is not None:
         t = check("teacher_mask", per_token("teacher_mask", teacher_mask, segments), True,

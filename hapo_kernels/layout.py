@@ -40,3 +40,22 @@ def rows_2d(logits: torch.Tensor) -> torch.Tensor:
     if L.B == 1 or L.stride_b == L.T * L.stride_t:
         return logits.as_strided((L.rows, L.V), (L.stride_t, 1))
     return None
+
+
+def overlaps_itself(tensor: torch.Tensor) -> bool:
+    """Whether two elements of ``tensor`` may share memory (an ``expand``, an ``as_strided``).
+
+    Stride analysis: with the dimensions of size > 1 sorted by stride, each stride must
+    exceed the span of the smaller ones. A layout that fails it counts as overlapping
+    (a few exotic interleaved layouts that do not overlap fail it too; ``.contiguous()``
+    passes).
+    """
+    if tensor.numel() == 0:
+        return False
+    span = 0                      # the largest offset reached by the dimensions so far
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.shape)
+                               if sz > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False

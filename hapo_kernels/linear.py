@@ -16,7 +16,6 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import head
 from .backends import backend_for
@@ -32,7 +31,7 @@ from .options import (
     check_temperature,
     split_options,
 )
-from .outputs import LossOutput, TokenResults, new_buffer
+from .outputs import LossOutput, TokenResults, first_order_backward, new_buffer
 from .twopass import two_pass_loss
 
 
@@ -123,7 +122,7 @@ class FusedLinearHAPOLossFunction(torch.autograd.Function):
         return finish_forward(ctx, out, device)
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward("fused_linear_hapo_loss")
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple:
         if ctx.grads is None:
             raise RuntimeError("fused_linear_hapo_loss: backward ran twice; its gradients are "
@@ -217,7 +216,7 @@ class FusedLinearSelectiveLogSoftmaxFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward("fused_linear_selective_log_softmax")
     def backward(ctx: Any, g_logp: Optional[torch.Tensor],
                  g_ent: Optional[torch.Tensor]) -> tuple:
         hidden, weight, bias, targets, lse, spz = ctx.saved_tensors

@@ -12,12 +12,12 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .backends import Backend, backend_for
 from .distributed import VocabParallelOps, vocab_shard
 from .inputs import check_logits_and_targets
 from .options import IGNORE_INDEX, check_bool, check_temperature
+from .outputs import first_order_backward
 from .packed import packed_segments
 
 
@@ -43,7 +43,7 @@ class SelectiveLogSoftmaxFunction(torch.autograd.Function):
         return logp.reshape(shape), ent.reshape(shape)
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward("selective_log_softmax")
     def backward(ctx: Any, g_logp: Optional[torch.Tensor],
                  g_ent: Optional[torch.Tensor]) -> tuple:
         logits, target_ids, lse, spz = ctx.saved_tensors

@@ -18,8 +18,9 @@ from . import distributed
 from .advantages import group_advantages
 from .backends import backend_for
 from .inputs import LossInputs, add_teachers, check_logits_and_targets, loss_inputs
+from .layout import overlaps_itself
 from .options import IGNORE_INDEX, AdvantageOptions, LossOptions, check_bool, split_options
-from .outputs import LossOutput, TokenResults, new_buffer
+from .outputs import LossOutput, TokenResults, first_order_backward, new_buffer
 from .packed import packed_segments
 from .twopass import two_pass_loss
 
@@ -77,6 +78,7 @@ class FusedHAPOLossFunction(torch.autograd.Function):
         return finish_forward(ctx, out, device)
 
     @staticmethod
+    @first_order_backward("fused_hapo_loss")
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple:
         (grad,) = ctx.saved_tensors
         if grad_loss is not None and float(grad_loss) != 1.0:
@@ -85,6 +87,22 @@ class FusedHAPOLossFunction(torch.autograd.Function):
             # tensor's version then changes, so a second backward raises instead of rescaling.
             grad = grad.mul_(g) if ctx.inplace else grad * g
         return grad, None, None, None, None
+
+
+def check_inplace_target(logits: torch.Tensor) -> None:
+    """``inplace_grad=True`` writes the gradient over ``logits``: refuse where that would be
+    silently wrong. A leaf that requires grad would have its data replaced by its own
+    gradient; memory that overlaps itself (an ``expand``, an ``as_strided``) would get
+    several rows' gradients written into one place, read back as logits by later rows."""
+    if logits.is_leaf:
+        raise ValueError("inplace_grad=True would overwrite logits, a leaf tensor that "
+                         "requires grad, with its own gradient; pass a non-leaf (the "
+                         "model's output) or inplace_grad=False")
+    if overlaps_itself(logits):
+        raise ValueError(f"inplace_grad=True needs logits whose elements do not share "
+                         f"memory; got shape {tuple(logits.shape)} with strides "
+                         f"{logits.stride()} (an expand or as_strided view): pass "
+                         f"inplace_grad=False or a .contiguous() copy")
 
 
 def _ssi_teachers(replaced: torch.Tensor, group_size: int, n_seq: int, device: torch.device,
@@ -213,7 +231,10 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
     of ``AdvantageOptions`` as a keyword, or the objects as ``options=`` /
     ``advantage_options=`` (keywords then override their fields).
     ``inplace_grad=True`` writes the gradient into the logits' storage (the logits are
-    consumed; autograd refuses other saved uses of them).
+    consumed; autograd refuses other saved uses of them); refused (``ValueError``) on a
+    leaf tensor and on memory that overlaps itself. Second-order gradients (a backward
+    with ``create_graph=True`` differentiated again) raise: the gradient is computed in
+    the forward and is a constant to autograd.
 
     Scale-out (docs/distributed.md): ``cu_seqlens`` ``[S + 1]`` with packed ``[N, V]``
     logits: the sequences are its segments (per-sequence inputs are ``[S]``), equal to the
@@ -224,7 +245,10 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
     group's token count over its size; with ``rewards=``, groups may span its ranks.
     """
     opts, adv_opts = split_options(option_values, options, advantage_options)
-    check_bool("inplace_grad", inplace_grad)
+    grad_wanted = torch.is_grad_enabled() and isinstance(logits, torch.Tensor) \
+        and logits.requires_grad
+    if check_bool("inplace_grad", inplace_grad) and grad_wanted:
+        check_inplace_target(logits)
     shard = (None if vocab_parallel_group is None
              else distributed.vocab_shard(logits, vocab_parallel_group))
     check_logits_and_targets(logits, target_ids, ignore_index,
@@ -235,8 +259,7 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
         teacher_mask=teacher_mask, rewards=rewards, group_size=group_size, inject=inject,
         cu_seqlens=cu_seqlens, process_group=process_group, vocab_shard=shard,
         rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
-    results = FusedHAPOLossFunction.apply(logits, inputs, opts, inplace_grad,
-                                          torch.is_grad_enabled() and logits.requires_grad)
+    results = FusedHAPOLossFunction.apply(logits, inputs, opts, inplace_grad, grad_wanted)
     return loss_output(results, inputs)
 
 

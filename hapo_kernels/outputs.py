@@ -2,14 +2,18 @@
 
 ``new_buffer`` is the one allocator of every buffer a kernel or chunk loop writes row by row
 (the tests replace it with a NaN-filled one, so a row left unwritten shows).
+``first_order_backward`` refuses second-order gradients through a Function's backward
+(docs/design.md section 9).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
     from .objective import TokenTerms
@@ -19,6 +23,32 @@ def new_buffer(shape: Sequence[int] | int, dtype: torch.dtype,
                device: torch.device) -> torch.Tensor:
     """An uninitialised buffer that the caller fills completely."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def first_order_backward(name: str) -> Callable:
+    """Decorate an autograd Function's ``backward``: run it once (``once_differentiable``),
+    and refuse a backward with ``create_graph=True`` with a clear error.
+
+    The gradient is computed in the forward pass: to autograd it is a constant, so its own
+    derivative (a gradient penalty, a Hessian-vector product) would be silently zero.
+    ``once_differentiable`` alone only catches that when the upstream gradient itself
+    requires grad, and a gradient graph cannot be tied back to the inputs without keeping
+    them (the ``[N, V]`` logits) alive, so the refusal comes at the first backward.
+    """
+    def wrap(backward: Callable) -> Callable:
+        once = once_differentiable(backward)
+
+        @functools.wraps(backward)
+        def run(ctx: Any, *grad_outputs: Any) -> Any:
+            if torch.is_grad_enabled():          # create_graph=True
+                raise RuntimeError(
+                    f"{name}: second-order gradients are not supported (backward with "
+                    "create_graph=True): the gradient is computed in the forward pass and "
+                    "its own derivative would be silently zero. Differentiate twice a loss "
+                    "that does not go through it, or drop create_graph=True")
+            return once(ctx, *grad_outputs)
+        return run
+    return wrap
 
 
 @dataclass

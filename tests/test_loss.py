@@ -739,3 +739,92 @@ def test_bad_trl_options_raise(opts, kw_extra, word):
     x, y, adv, kw = make_inputs((3, 5, 11))
     with pytest.raises(ValueError, match=word):
         hk.fused_hapo_loss(x, y, adv, **kw, **kw_extra, **opts)
+
+
+# --------------------------------------------------------------------------- refusals
+def test_inplace_grad_refuses_a_leaf(backend):
+    """A leaf that requires grad would have its data silently replaced by its gradient."""
+    x, y, adv, kw = make_inputs((2, 3, 37))
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(ValueError, match="inplace_grad.*leaf"):
+        hk.fused_hapo_loss(leaf, y, adv, **kw, inplace_grad=True)
+    assert torch.equal(leaf.detach(), x)
+    with torch.no_grad():                      # nothing would be written: accepted
+        hk.fused_hapo_loss(leaf, y, adv, **kw, inplace_grad=True)
+
+
+@pytest.mark.parametrize("layout", ["expand", "as_strided"])
+def test_inplace_grad_refuses_memory_that_overlaps_itself(backend, layout):
+    """Two rows sharing memory: gradients written over logits later rows still read (a
+    wrong gradient, and on the kernels a wrong loss)."""
+    x, y, adv, kw = make_inputs((2, 3, 37))
+    base = x[:1].clone().requires_grad_() if layout == "expand" else \
+        x.reshape(-1)[:4 * 37].clone().requires_grad_()
+    h = base * 1.0
+    view = h.expand(2, 3, 37) if layout == "expand" else \
+        h.as_strided((2, 3, 37), (37, 18, 1))          # rows 18 elements apart: overlap
+    before = h.detach().clone()
+    with pytest.raises(ValueError, match="inplace_grad.*share"):
+        hk.fused_hapo_loss(view, y, adv, **kw, inplace_grad=True)
+    assert torch.equal(h.detach(), before)
+    out = hk.fused_hapo_loss(view, y, adv, **kw)          # read-only use stays fine
+    ref = hk.fused_hapo_loss(view.detach().contiguous(), y, adv, **kw)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+
+
+def test_overlaps_itself_by_stride_analysis():
+    from hapo_kernels.layout import overlaps_itself
+    x = torch.zeros(4, 6, 10)
+    assert not overlaps_itself(x) and not overlaps_itself(x[:, :-1])
+    assert not overlaps_itself(x.transpose(0, 1)) and not overlaps_itself(x[::2, 1:, :5])
+    assert not overlaps_itself(torch.zeros(0, 3, 5).expand(0, 3, 5))
+    assert overlaps_itself(x[:1].expand(4, 6, 10))
+    assert overlaps_itself(x.reshape(-1).as_strided((3, 10), (5, 1)))
+    assert not overlaps_itself(x.reshape(-1).as_strided((3, 10), (10, 1)))
+
+
+@pytest.mark.parametrize("fn", ["loss", "logprobs", "linear_loss", "linear_logprobs"])
+def test_second_order_gradients_are_refused(backend, fn):
+    """A gradient penalty differentiates the gradient: it would have been a constant (its
+    second derivative silently zero). Now a RuntimeError."""
+    x, y, adv, kw = make_inputs((2, 3, 37))
+    if fn.startswith("linear"):
+        h = torch.randn(2, 3, 8, requires_grad=True)
+        w = torch.randn(37, 8, requires_grad=True)
+        wrt = h
+        out = (hk.fused_linear_hapo_loss(h, w, y, adv, **kw).loss if fn == "linear_loss"
+               else hk.fused_linear_selective_log_softmax(h, w, y).sum())
+    else:
+        wrt = x.clone().requires_grad_()
+        out = (hk.fused_hapo_loss(wrt, y, adv, **kw).loss if fn == "loss"
+               else hk.selective_log_softmax(wrt, y).sum())
+    with pytest.raises(RuntimeError, match="second-order gradients are not supported"):
+        (grad,) = torch.autograd.grad(out, wrt, create_graph=True, retain_graph=True)
+        torch.autograd.grad(grad.pow(2).sum() + out, wrt)
+    (grad,) = torch.autograd.grad(out, wrt)             # first order stays as it was
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["old_logp", "ref_logp", "advantages"])
+@pytest.mark.parametrize("bad", [float("-inf"), float("inf"), float("nan")])
+def test_non_finite_per_token_inputs(backend, name, bad):
+    """old_logp = -inf on a counted token made the ratio infinite: NaN gradients on the CPU
+    path, 0 on the kernels. Now a ValueError naming the argument on both; on a masked
+    token the value is never read, and both backends agree."""
+    x, y, adv, kw = make_inputs((2, 3, 37), old=True)
+    kw = {**kw, "ref_logp": -torch.rand(2, 3), "beta": 0.1, "mask": torch.ones(2, 3)}
+    args = {"old_logp": kw["old_logp"], "ref_logp": kw["ref_logp"],
+            "advantages": adv[:, None].expand(2, 3).clone()}
+    args[name][1, 2] = bad
+    kw.update(old_logp=args["old_logp"], ref_logp=args["ref_logp"])
+    with pytest.raises(ValueError, match=rf"{name}\[1, 2\]"):
+        hk.fused_hapo_loss(x.clone().requires_grad_(), y, args["advantages"], **kw)
+    kw["mask"][1, 2] = 0
+    out, grad = run_ours(x, y, args["advantages"], kw)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    clean = {k: v.clone() for k, v in args.items()}
+    clean[name][1, 2] = 0.0
+    kw.update(old_logp=clean["old_logp"], ref_logp=clean["ref_logp"])
+    want, want_grad = run_ours(x, y, clean["advantages"], kw)
+    assert out.loss.item() == pytest.approx(want.loss.item(), rel=1e-6)
+    torch.testing.assert_close(grad, want_grad)
