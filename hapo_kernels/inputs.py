@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 
 from .aggregation import aggregation_weights
-from .options import IGNORE_INDEX, LOGIT_DTYPES, LossOptions, check_ignore_index
+from .options import IGNORE_INDEX, LOGIT_DTYPES, LossOptions, check_bool, check_ignore_index
 from .packed import Segments, packed_segments, per_token
 
 
@@ -257,6 +257,17 @@ def _per_token_tensor(name: str, tensor: Any, batch_shape: tuple, device: torch.
     return tensor
 
 
+def check_per_sequence(name: str, tensor: torch.Tensor, per_sequence: Optional[bool],
+                       segments: Optional[Segments]) -> None:
+    """With ``per_sequence`` given, ``tensor`` (checked, ``[B]`` or ``[B, T]``) must be
+    what it says; packed input with ``cu_seqlens`` is checked by ``packed.per_token``."""
+    if per_sequence is None or segments is not None:
+        return
+    if per_sequence is not (tensor.dim() == 1):
+        raise ValueError(f"{name} must be one per {'sequence' if per_sequence else 'token'} "
+                         f"(per_sequence={per_sequence}), got shape {tuple(tensor.shape)}")
+
+
 def check_finite_where_counted(valid: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
     """Each of ``tensors`` (``[B, T]``, or ``[B]`` per sequence) finite on every counted token.
 
@@ -346,7 +357,8 @@ def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
                 old_logp: Optional[torch.Tensor] = None,
                 ref_logp: Optional[torch.Tensor] = None,
                 teacher_mask: Optional[torch.Tensor] = None,
-                segments: Optional[Segments] = None, process_group: Any = None,
+                segments: Optional[Segments] = None, per_sequence: Optional[bool] = None,
+                process_group: Any = None,
                 vocab_shard: Any = None, replaced: Optional[torch.Tensor] = None,
                 computed_advantages: Optional[torch.Tensor] = None,
                 rollout_is_weights: Optional[torch.Tensor] = None,
@@ -356,6 +368,9 @@ def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
 
     ``source`` (named ``source_name`` in errors) is the logits or the fused head's hidden
     states, whose shape and device ``target_ids`` has already been checked against.
+    ``per_sequence``: ``advantages`` and ``teacher_mask`` are one per sequence (``True``)
+    or one per token (``False``); ``None``: by shape, an error where a shape could mean
+    either (``packed.per_token``).
     """
     device = source.device
     batch_shape = tuple(target_ids.shape)
@@ -365,9 +380,15 @@ def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
         return _per_token_tensor(name, t, batch_shape, device, source_name,
                                  per_sequence_ok=per_sequence_ok, floating=floating)
 
+    if per_sequence is not None:
+        check_bool("per_sequence", per_sequence)
     if advantages is None:
         raise ValueError("advantages is required (or pass rewards= and group_size=)")
-    adv = check("advantages", per_token("advantages", advantages, segments), True)
+    # Advantages computed from rewards= are one per sequence whatever the caller says.
+    adv_per_sequence = True if computed_advantages is not None else per_sequence
+    adv = check("advantages", per_token("advantages", advantages, segments, adv_per_sequence),
+                True)
+    check_per_sequence("advantages", adv, adv_per_sequence, segments)
     adv = adv[:, None].expand(shape2d) if adv.dim() == 1 else adv
     old = check("old_logp", old_logp, False)
     ref = check("ref_logp", ref_logp, False)
@@ -401,8 +422,9 @@ def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
     check_finite_where_counted(valid, advantages=adv, old_logp=old, ref_logp=ref)
     teacher = torch.zeros(shape2d, dtype=torch.bool, device=device)
     if teacher_mask is not None:
-        t = check("teacher_mask", per_token("teacher_mask", teacher_mask, segments), True,
-                  floating=False)
+        t = check("teacher_mask", per_token("teacher_mask", teacher_mask, segments,
+                                            per_sequence), True, floating=False)
+        check_per_sequence("teacher_mask", t, per_sequence, segments)
         t = t != 0 if t.dtype.is_floating_point else t.bool()
         teacher = t[:, None].expand(shape2d) if t.dim() == 1 else t
     weights = aggregation_weights(valid if segments is None else valid.reshape(-1), opts,

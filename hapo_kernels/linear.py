@@ -149,6 +149,7 @@ def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
                            group_size: Optional[int] = None,
                            inject: Optional[torch.Tensor] = None,
                            cu_seqlens: Optional[torch.Tensor] = None,
+                           per_sequence: Optional[bool] = None,
                            process_group: Any = None, vocab_chunk_size: Optional[int] = None,
                            fp32_accumulate: bool = True,
                            rollout_is_weights: Optional[torch.Tensor] = None,
@@ -160,9 +161,9 @@ def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
     ``weight`` ``[V, H]`` (``lm_head.weight``) and ``bias`` ``[V]`` or None, all of one dtype
     (fp32, bf16, fp16) and device. Every option of ``fused_hapo_loss`` is accepted with the
     same meaning, ``rewards=`` / ``group_size=``, ``cu_seqlens`` (packed ``[N, H]`` hidden
-    states) and ``process_group`` included; ``inplace_grad`` is accepted for compatibility
-    and changes nothing (the logits chunks are internal and always reused). Not supported:
-    ``vocab_parallel_group`` (a vocabulary-sharded head).
+    states), ``per_sequence`` and ``process_group`` included; ``inplace_grad`` is accepted
+    for compatibility and changes nothing (the logits chunks are internal and always
+    reused). Not supported: ``vocab_parallel_group`` (a vocabulary-sharded head).
 
     ``out.loss`` is differentiable w.r.t. ``hidden``, ``weight`` and ``bias``. The gradients
     are computed in the forward; ``weight``'s is skipped entirely when it does not require
@@ -188,7 +189,7 @@ def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
         hidden, target_ids, advantages, opts, adv_opts, source_name="hidden",
         ignore_index=ignore_index, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
         teacher_mask=teacher_mask, rewards=rewards, group_size=group_size, inject=inject,
-        cu_seqlens=cu_seqlens, process_group=process_group,
+        cu_seqlens=cu_seqlens, process_group=process_group, per_sequence=per_sequence,
         rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
     results = FusedLinearHAPOLossFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, inputs, opts, chunks,

@@ -125,7 +125,8 @@ def prepare_loss(source: torch.Tensor, target_ids: torch.Tensor,
                  inject: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                  process_group: Any, vocab_shard: Any = None,
                  rollout_is_weights: Optional[torch.Tensor] = None,
-                 sampling_logp: Optional[torch.Tensor] = None) -> LossInputs:
+                 sampling_logp: Optional[torch.Tensor] = None,
+                 per_sequence: Optional[bool] = None) -> LossInputs:
     """The loss's ``LossInputs`` from a caller's arguments; shared by ``fused_hapo_loss`` and
     ``linear.fused_linear_hapo_loss`` (same arguments, same meaning).
 
@@ -156,8 +157,9 @@ def prepare_loss(source: torch.Tensor, target_ids: torch.Tensor,
     inputs = loss_inputs(source, target_ids, advantages, opts, source_name=source_name,
                          ignore_index=ignore_index, mask=mask, old_logp=old_logp,
                          ref_logp=ref_logp, teacher_mask=teacher_mask, segments=segments,
-                         process_group=process_group, vocab_shard=vocab_shard,
-                         replaced=replaced, computed_advantages=computed,
+                         per_sequence=per_sequence, process_group=process_group,
+                         vocab_shard=vocab_shard, replaced=replaced,
+                         computed_advantages=computed,
                          rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
     if replaced is not None and inject is not None:
         add_teachers(inputs, _ssi_teachers(replaced, group_size, n_seq, source.device,
@@ -203,6 +205,7 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
                     rewards: Optional[torch.Tensor] = None, group_size: Optional[int] = None,
                     inject: Optional[torch.Tensor] = None,
                     cu_seqlens: Optional[torch.Tensor] = None,
+                    per_sequence: Optional[bool] = None,
                     vocab_parallel_group: Any = None, process_group: Any = None,
                     rollout_is_weights: Optional[torch.Tensor] = None,
                     sampling_logp: Optional[torch.Tensor] = None,
@@ -238,7 +241,10 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
 
     Scale-out (docs/distributed.md): ``cu_seqlens`` ``[S + 1]`` with packed ``[N, V]``
     logits: the sequences are its segments (per-sequence inputs are ``[S]``), equal to the
-    right-padded ``[S, max_len]`` batch. ``vocab_parallel_group``: ``logits`` is this
+    right-padded ``[S, max_len]`` batch. ``per_sequence``: ``advantages`` and
+    ``teacher_mask`` are one per sequence (``True``) or one per token (``False``); by
+    default the shape says, and a shape that could mean both (packed, as many sequences
+    as tokens) is a ``ValueError``. ``vocab_parallel_group``: ``logits`` is this
     rank's contiguous vocabulary slice (rank order, uneven allowed), ``target_ids`` global;
     every rank gets the unsharded loss and metrics and the gradient of its own slice.
     ``process_group`` (data-parallel): ``"dapo"`` and ``"token-mean"`` divide by the
@@ -258,7 +264,8 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
         ignore_index=ignore_index, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
         teacher_mask=teacher_mask, rewards=rewards, group_size=group_size, inject=inject,
         cu_seqlens=cu_seqlens, process_group=process_group, vocab_shard=shard,
-        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
+        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp,
+        per_sequence=per_sequence)
     results = FusedHAPOLossFunction.apply(logits, inputs, opts, inplace_grad, grad_wanted)
     return loss_output(results, inputs)
 

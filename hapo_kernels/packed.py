@@ -87,20 +87,32 @@ def packed_segments(logits: torch.Tensor, target_ids: torch.Tensor,
     return check_cu_seqlens(cu_seqlens, target_ids.numel(), logits.device)
 
 
-def per_token(name: str, tensor: Any, segments: Optional[Segments]) -> Any:
+def per_token(name: str, tensor: Any, segments: Optional[Segments],
+              per_sequence: Optional[bool] = None) -> Any:
     """A per-sequence ``[S]`` input broadcast to its ``[N]`` tokens; ``[N]`` passes through.
 
-    Anything else is left for ``options.check_loss_tensors`` to reject with its message.
+    ``per_sequence`` says which the caller meant (``True``: ``[S]``, ``False``: ``[N]``).
+    Left ``None``, the shape decides, and where it cannot (``S == N`` with some sequence
+    not of length 1, e.g. lengths 2 and 0) it is a ``ValueError``: read per token, a
+    per-sequence value would land on the wrong tokens. Anything else is left for
+    ``inputs.loss_inputs`` to reject with its message.
     """
     if segments is None or not isinstance(tensor, torch.Tensor):
         return tensor
-    if tuple(tensor.shape) == (segments.tokens,):
+    shape, S, N = tuple(tensor.shape), segments.count, segments.tokens
+    if per_sequence is None and shape == (N,) == (S,) and N and \
+            not bool((segments.cu_seqlens.diff() == 1).all()):
+        raise ValueError(f"{name} has shape ({N},): with {S} sequences of {N} packed tokens "
+                         f"that is one per sequence or one per token; say which with "
+                         f"per_sequence=True or per_sequence=False")
+    if shape == (N,) and per_sequence is not True:
         return tensor
-    if tuple(tensor.shape) == (segments.count,):
+    if shape == (S,) and per_sequence is not False:
         if tensor.device != segments.ids.device:
             raise ValueError(f"{name} is on {tensor.device} but logits on "
                              f"{segments.ids.device}")
         return segments.broadcast(tensor)
-    raise ValueError(f"{name} must have shape ({segments.count},) (one per sequence of "
-                     f"cu_seqlens) or ({segments.tokens},) (one per token), got "
-                     f"{tuple(tensor.shape)}")
+    want = {True: f"({S},) (one per sequence of cu_seqlens, per_sequence=True)",
+            False: f"({N},) (one per token, per_sequence=False)",
+            None: f"({S},) (one per sequence of cu_seqlens) or ({N},) (one per token)"}
+    raise ValueError(f"{name} must have shape {want[per_sequence]}, got {shape}")

@@ -194,3 +194,73 @@ def test_bad_packed_shapes():
     with pytest.raises(ValueError, match="packed"):
         hk.fused_hapo_loss(pad(b, b["logits"]), pad(b, b["targets"], -100), b["adv"],
                            cu_seqlens=b["cu"])
+
+
+# --------------------------------------------------------------------------- ambiguity
+def small_batch(lengths):
+    """``make_batch``'s layout for a few tokens (no ignored or masked token)."""
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    N = sum(lengths)
+    return dict(S=len(lengths), L=max(lengths), N=N, cu=cu, seq=seq,
+                pos=torch.arange(N) - cu.long()[seq], logits=torch.randn(N, V) * 2,
+                targets=torch.randint(0, V, (N,)))
+
+
+def test_as_many_sequences_as_tokens_is_an_error_unless_said(backend):
+    """Lengths 2 and 0: two sequences of two packed tokens. [2] advantages could be one
+    per sequence or one per token; they were read per token, so the first sequence's two
+    tokens got -1.07 and 0.12 instead of -1.07 twice."""
+    b = small_batch([2, 0])
+    adv = torch.tensor([-1.07, 0.12])
+    x, kw = b["logits"], dict(target_ids=b["targets"], cu_seqlens=b["cu"])
+    with pytest.raises(ValueError, match="advantages.*per_sequence=True or per_sequence"):
+        hk.fused_hapo_loss(x, advantages=adv, **kw)
+    with pytest.raises(ValueError, match="teacher_mask.*per_sequence"):
+        hk.fused_hapo_loss(x, rewards=torch.tensor([0.0, 1.0]), group_size=2,
+                           teacher_mask=torch.tensor([True, False]), **kw)
+    padded_kw = dict(target_ids=pad(b, b["targets"], -100), advantages=adv)
+    padded, gq = run(pad(b, x), **padded_kw)
+    ref = R.hapo_loss(pad(b, x).double(), **padded_kw)
+    per_seq, gp = run(x, advantages=adv, per_sequence=True, **kw)
+    torch.testing.assert_close(per_seq.loss, padded.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(per_seq.loss.double(), ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gp, unpad(b, gq))
+    per_tok, _ = run(x, advantages=adv, per_sequence=False, **kw)
+    want, _ = run(pad(b, x), target_ids=pad(b, b["targets"], -100), advantages=pad(b, adv))
+    torch.testing.assert_close(per_tok.loss, want.loss, rtol=1e-6, atol=1e-7)
+    assert abs(per_tok.loss.item() - per_seq.loss.item()) > 1e-3
+    # Every sequence of length 1: both readings are the same, no error.
+    b1 = small_batch([1, 1, 1])
+    hk.fused_hapo_loss(b1["logits"], b1["targets"], torch.randn(3), cu_seqlens=b1["cu"])
+
+
+@pytest.mark.parametrize("per_sequence, adv_shape, ok", [
+    (True, (2,), True), (True, (5,), False), (False, (5,), True), (False, (2,), False)])
+def test_per_sequence_is_enforced(per_sequence, adv_shape, ok):
+    b = small_batch([3, 2])
+    packed = dict(target_ids=b["targets"], advantages=torch.randn(adv_shape),
+                  cu_seqlens=b["cu"], per_sequence=per_sequence)
+    padded = dict(target_ids=pad(b, b["targets"], -100), per_sequence=per_sequence,
+                  advantages=torch.randn(2) if adv_shape == (2,) else torch.randn(2, 3))
+    for logits, call in ((b["logits"], packed), (pad(b, b["logits"]), padded)):
+        if ok:
+            hk.fused_hapo_loss(logits, **call)
+        else:
+            with pytest.raises(ValueError, match="advantages.*per_sequence"):
+                hk.fused_hapo_loss(logits, **call)
+    with pytest.raises(ValueError, match="per_sequence must be a bool"):
+        hk.fused_hapo_loss(b["logits"], **{**packed, "per_sequence": "yes"})
+
+
+def test_rewards_with_as_many_sequences_as_tokens(backend):
+    """rewards= gives one advantage per sequence: never ambiguous."""
+    b = small_batch([2, 0, 1, 1])
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    packed, gp = run(b["logits"], target_ids=b["targets"], cu_seqlens=b["cu"],
+                     rewards=rewards, group_size=2)
+    padded, gq = run(pad(b, b["logits"]), target_ids=pad(b, b["targets"], -100),
+                     rewards=rewards, group_size=2)
+    torch.testing.assert_close(packed.loss, padded.loss)
+    torch.testing.assert_close(gp, unpad(b, gq))
+    assert packed.loss.item() != 0
