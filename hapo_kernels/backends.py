@@ -4,7 +4,8 @@ A backend is an object (in practice a package, ``hapo_kernels.cpu`` or
 ``hapo_kernels.triton``) with the four operations of ``Backend``. CUDA tensors run the Triton
 kernels. With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's
 interpreter (slow: tests). CPU tensors otherwise run the chunked torch path.
-``force_backend`` pins one for a block of code (tests, benchmarks).
+``force_backend`` pins one for a block of code (tests, benchmarks), in the current context
+only; ``set_default_backend`` pins one for the process, threads included.
 """
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ class Backend(Protocol):
 REGISTRY = {"triton": "hapo_kernels.triton", "cpu": "hapo_kernels.cpu"}
 BACKENDS = tuple(REGISTRY)
 _forced: contextvars.ContextVar = contextvars.ContextVar("hapo_backend", default=None)
+# The process-wide choice (``set_default_backend``): every thread sees it. A context
+# variable does not cross ``threading.Thread`` (a new thread starts from an empty
+# context), so ``force_backend`` alone would not reach a data-loader or a worker thread.
+_default: list = [None]
 
 
 def triton_interpret() -> bool:
@@ -108,7 +113,7 @@ def check_interpreter() -> None:
 
 def backend_name(tensor: torch.Tensor) -> str:
     """The name of the backend that serves ``tensor`` (see the module docstring)."""
-    forced = _forced.get()
+    forced = _forced.get() or _default[0]
     if forced == "cpu":
         if tensor.is_cuda:
             raise ValueError("the cpu backend runs on CPU tensors; got a CUDA tensor")
@@ -147,7 +152,22 @@ def scoped(var: contextvars.ContextVar, value: Any) -> Iterator[None]:
 
 
 def force_backend(name: str) -> contextlib.AbstractContextManager:
-    """Run every op in the ``with`` block on backend ``name`` (``"cpu"`` or ``"triton"``)."""
+    """Run every op in the ``with`` block on backend ``name`` (``"cpu"`` or ``"triton"``).
+
+    Scoped to the current context: asyncio tasks started inside inherit it, threads do not
+    (a ``threading.Thread`` starts from an empty context); ``set_default_backend`` is the
+    process-wide choice, which ``force_backend`` overrides.
+    """
     if name not in REGISTRY:
         raise ValueError(f"backend={name!r} is not one of {list(BACKENDS)}")
     return scoped(_forced, name)
+
+
+def set_default_backend(name: Optional[str]) -> Optional[str]:
+    """Pin backend ``name`` for the whole process, every thread included (``None``: back to
+    the choice by tensor). ``force_backend`` blocks still override it. Returns the previous
+    default."""
+    if name is not None and name not in REGISTRY:
+        raise ValueError(f"backend={name!r} is not one of {list(BACKENDS)} or None")
+    previous, _default[0] = _default[0], name
+    return previous

@@ -47,3 +47,39 @@ def test_cpu_tensors_without_the_interpreter_take_the_cpu_path(monkeypatch):
     with pytest.raises(ValueError, match="not one of"):
         with backends.force_backend("cuda"):
             pass
+
+
+def test_set_default_backend_reaches_threads(monkeypatch):
+    """force_backend is a context variable, which a threading.Thread does not inherit; the
+    process-wide default reaches every thread, and force_backend still overrides it."""
+    import threading
+
+    import hapo_kernels as hk
+    monkeypatch.setenv("TRITON_INTERPRET", "1")          # CPU tensors default to "triton"
+    seen = {}
+
+    def look(key):
+        seen[key] = backends.backend_name(torch.zeros(1))
+
+    def in_thread(key):
+        worker = threading.Thread(target=look, args=(key,))
+        worker.start()
+        worker.join(timeout=30)
+
+    with hk.force_backend("cpu"):
+        in_thread("forced, other thread")              # documented: not inherited
+    previous = hk.set_default_backend("cpu")
+    try:
+        in_thread("default, other thread")
+        with hk.force_backend("triton"):
+            look("forced over the default")
+            in_thread("default under a forced block, other thread")
+    finally:
+        assert hk.set_default_backend(previous) == "cpu"
+    look("default cleared")
+    assert seen == {"forced, other thread": "triton", "default, other thread": "cpu",
+                    "forced over the default": "triton",
+                    "default under a forced block, other thread": "cpu",
+                    "default cleared": "triton"}
+    with pytest.raises(ValueError, match="not one of"):
+        hk.set_default_backend("cuda")
