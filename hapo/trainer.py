@@ -19,8 +19,11 @@ and model-agnostic.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import secrets
+import warnings
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,7 +37,7 @@ from .lm_head import last_hidden_states, output_head
 from .loss import HAPOLoss
 from .ssi import RolloutBatch, inject_successes, lookup_demo
 
-__all__ = ["HAPOTrainer", "policy_logits"]
+__all__ = ["HAPOTrainer", "policy_logits", "save_atomically"]
 
 
 def policy_logits(policy: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -314,16 +317,32 @@ class HAPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "gate": self.gate.state_dict(), "global_step": self.global_step,
-                "generator": self.generator.get_state(),
-                "ssi_generator": self.ssi_generator.get_state(), "history": list(self.history),
-                "config": self.config.to_dict()}
+        """Everything a resume needs: the policy, the optimizer, the gate (posteriors and
+        sampler), the step, the rollout and SSI generators, the history, the config, and the
+        KL reference policy when there is one (it need not equal the initial policy: a
+        trainer built from already-trained weights copies those)."""
+        state = {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "gate": self.gate.state_dict(), "global_step": self.global_step,
+                 "generator": self.generator.get_state(),
+                 "ssi_generator": self.ssi_generator.get_state(), "history": list(self.history),
+                 "config": self.config.to_dict()}
+        if self.ref_policy is not None:
+            state["ref_policy"] = self.ref_policy.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s output. A reference policy in the state replaces the
+        trainer's; a state without one (an older checkpoint) keeps the trainer's, with a
+        warning."""
+        if self.ref_policy is not None and "ref_policy" not in state:
+            warnings.warn("the checkpoint has no reference policy but this trainer uses one "
+                          "(config.loss.beta > 0 or ref_policy=): the KL keeps the reference "
+                          "the trainer was built with", stacklevel=2)
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.gate.load_state_dict(state["gate"])
+        if self.ref_policy is not None and "ref_policy" in state:
+            self.ref_policy.load_state_dict(state["ref_policy"])
         self.global_step = int(state["global_step"])
         self.generator.set_state(state["generator"])
         if "ssi_generator" in state:          # checkpoints written before it existed
@@ -331,10 +350,54 @@ class HAPOTrainer:
         self.history = list(state["history"])
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``state_dict()`` to ``path`` (``torch.save``)."""
-        torch.save(self.state_dict(), path)
+        """Write ``state_dict()`` to ``path`` atomically (``save_atomically``): a crash or
+        kill mid-write leaves the previous checkpoint at ``path`` intact."""
+        save_atomically(self.state_dict(), path)
 
     def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
         """Restore the trainer from a file written by ``save_checkpoint``."""
         # Checkpoints are the trainer's own files (they hold the gate's Python dicts).
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def save_atomically(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
+
+    Writes a temporary file in the same folder (``.<name>.<pid>.<random>.tmp``), flushes
+    and fsyncs it, renames it over ``path`` (``os.replace``, atomic on POSIX and Windows)
+    and fsyncs the folder, so that the rename itself survives a power loss. Until the
+    rename, ``path`` holds the previous file; after it, the new one. An exception removes
+    the temporary file; a SIGKILL or power loss can leave it behind (never at ``path``).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}."
+                               f"{secrets.token_hex(4)}.tmp")
+    # O_EXCL: never write into someone else's file; 0o666 & ~umask, as open() would.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:                 # Windows: folders cannot be opened; NTFS journals it
+        return
+    try:
+        os.fsync(fd)
+    except OSError:                 # some filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)

@@ -136,6 +136,62 @@ def test_checkpoint_resume_reproduces_the_run(tmp_path):
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
+def test_resume_with_beta_restores_the_reference_policy(tmp_path):
+    """The KL reference is a copy of the policy at construction: a trainer rebuilt from the
+    trained weights (as a resume often does) had the wrong one. It is in the checkpoint."""
+    cfg = dict(group_size=4, beta=0.2, seed=3)
+    a = make(**cfg)
+    for seed in range(2):
+        a.step(prompts(seed=seed))
+    a.save_checkpoint(tmp_path / "ckpt.pt")
+    for seed in range(2, 5):
+        a.step(prompts(seed=seed))
+
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert "ref_policy" in state
+    trained = TinyCausalLM(TASK.vocab_size, max_len=12, d_model=16, n_layers=1, n_heads=2,
+                           d_ff=32)
+    trained.load_state_dict(state["policy"])
+    b = make(policy=trained, **cfg)                 # its reference: the trained weights
+    b.load_checkpoint(tmp_path / "ckpt.pt")
+    for (k, va), vb in zip(a.ref_policy.state_dict().items(),
+                           b.ref_policy.state_dict().values()):
+        assert torch.equal(va, vb), k
+    for seed in range(2, 5):
+        b.step(prompts(seed=seed))
+    for (k, va), vb in zip(a.policy.state_dict().items(), b.policy.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_checkpoint_without_reference_policy_warns(tmp_path):
+    a = make(group_size=4, beta=0.2)
+    state = a.state_dict()
+    del state["ref_policy"]                          # a checkpoint from before it was saved
+    with pytest.warns(UserWarning, match="no reference policy"):
+        a.load_state_dict(state)
+
+
+def test_save_checkpoint_leaves_no_temporary_file(tmp_path, monkeypatch):
+    a = make(group_size=4)
+    a.save_checkpoint(tmp_path / "ckpt.pt")
+    a.step(prompts())
+    a.save_checkpoint(str(tmp_path / "ckpt.pt"))                # over the previous one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    b = make(group_size=4)
+    b.load_checkpoint(tmp_path / "ckpt.pt")
+    assert b.global_step == 1
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        a.save_checkpoint(tmp_path / "ckpt.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    monkeypatch.undo()
+    b.load_checkpoint(tmp_path / "ckpt.pt")                    # the previous one, intact
+    assert b.global_step == 1
+
+
 def test_train_loop_with_progress_and_callback():
     tr = make(group_size=2, demos={})
     tr.config.progress = True
