@@ -58,25 +58,37 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
         options = options.replace(**option_values)
     elif options is None:
         _, options = split_options(option_values)
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-            raise ValueError("cu_seqlens must be a 1-D tensor [S + 1]")
-        check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]) if cu_seqlens.numel() else 0,
-                         cu_seqlens.device)
-        if isinstance(rewards, torch.Tensor) and rewards.numel() != cu_seqlens.numel() - 1:
-            raise ValueError(f"rewards must hold one reward per sequence of cu_seqlens "
-                             f"({cu_seqlens.numel() - 1}), got {rewards.numel()}")
+    error = None
+    try:
+        if process_group is None:                       # before any kernel
+            offsets = group_offsets_of(rewards, group_size, group_offsets, inject)
+        if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+                raise ValueError("cu_seqlens must be a 1-D tensor [S + 1]")
+            check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]) if cu_seqlens.numel() else 0,
+                             cu_seqlens.device)
+            if isinstance(rewards, torch.Tensor) and \
+                    rewards.numel() != cu_seqlens.numel() - 1:
+                raise ValueError(f"rewards must hold one reward per sequence of cu_seqlens "
+                                 f"({cu_seqlens.numel() - 1}), got {rewards.numel()}")
+    except ValueError as e:
+        if process_group is None:
+            raise
+        error = e                               # raised by every rank together, below
     start = 0
     n_local = None
     if process_group is not None and (replace_index is not None or teacher_rewards is not None):
         raise ValueError("replace_index= and teacher_rewards= are not supported with "
                          "process_group= yet: compute the advantages on one process")
     if process_group is not None:
-        n_local = rewards.numel() if isinstance(rewards, torch.Tensor) else None
-        rewards, start = distributed.gather_rewards(rewards, process_group)
+        local = rewards
+        rewards, start = _gather(rewards, group_size, group_offsets, inject, options,
+                                 process_group, error)
+        n_local = local.numel()
         if inject is not None:
             inject = distributed.broadcast_decisions(inject, process_group)
-    offsets = group_offsets_of(rewards, group_size, group_offsets, inject)
+        # The whole batch, the same on every rank: any error is raised on every rank.
+        offsets = group_offsets_of(rewards, group_size, group_offsets, inject)
     if inject is not None and inject.dtype != torch.bool:
         raise ValueError(f"inject must be a bool tensor, got {inject.dtype}")
     replace_index, teacher_rewards = check_replacement(replace_index, teacher_rewards, inject,
@@ -87,3 +99,57 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     if n_local is not None:
         adv = adv[start:start + n_local]
     return adv, replaced
+
+
+def _gather(rewards: Any, group_size: Any, group_offsets: Any, inject: Any,
+            options: AdvantageOptions, group: Any,
+            error: Optional[BaseException]) -> Tuple[torch.Tensor, int]:
+    """The rewards of every rank after a ``distributed.handshake``: this rank's checks, the
+    options, the group size, the dtype and ``inject``'s shape agree, or every rank raises.
+    A non-finite reward on any rank is named by its global index and group, on every rank,
+    before the rewards are gathered."""
+    bad = -1                                    # this rank's first non-finite reward
+    try:
+        if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+            raise ValueError("rewards must be a 1-D tensor (this rank's rollouts), got "
+                             f"{getattr(rewards, 'shape', type(rewards).__name__)}")
+        if rewards.dtype.is_complex or rewards.dtype == torch.bool:
+            raise ValueError(f"rewards must be real numbers, got {rewards.dtype}")
+        if (group_size is None) == (group_offsets is None):
+            raise ValueError("pass exactly one of group_size (equal groups) and group_offsets "
+                             "(group p is rewards[o[p]:o[p+1]] of the gathered batch)")
+        if group_offsets is None and (isinstance(group_size, bool)
+                                      or not isinstance(group_size, int) or group_size < 2):
+            raise ValueError(f"group_size must be an int >= 2, got {group_size!r}")
+        if group_offsets is not None:
+            group_offsets = torch.as_tensor(group_offsets).to("cpu", torch.int64)
+        if inject is not None and (not isinstance(inject, torch.Tensor)
+                                   or inject.dtype != torch.bool or inject.dim() != 1):
+            raise ValueError(f"inject must be a 1-D bool tensor, got "
+                             f"{getattr(inject, 'dtype', type(inject).__name__)}")
+        if rewards.dtype.is_floating_point and not bool(torch.isfinite(rewards).all()):
+            bad = int(torch.nonzero(~torch.isfinite(rewards))[0])
+    except ValueError as e:
+        error = error or e
+    fields = {"group_size": group_size if error is None else None,
+              "group_offsets": (distributed.checksum(group_offsets)
+                                if error is None and group_offsets is not None else 0),
+              "advantage options": options.as_dict(),
+              "rewards dtype": None if error else str(rewards.dtype),
+              "inject shape": None if error or inject is None else tuple(inject.shape)}
+    rows = distributed.handshake(group, "group_advantages", fields, error=error,
+                                 counts=[0 if error else rewards.numel(), bad])
+    sizes = [row[0] for row in rows]
+    for k, (_, first_bad) in enumerate(rows):
+        if first_bad >= 0:
+            i = sum(sizes[:k]) + first_bad
+            if group_offsets is None:
+                p, lo, hi = i // group_size, i - i % group_size, i - i % group_size + group_size
+            else:
+                o = group_offsets.tolist()
+                p = next((q for q in range(len(o) - 1) if o[q] <= i < o[q + 1]), -1)
+                lo, hi = (o[p], o[p + 1]) if p >= 0 else (i, i + 1)
+            raise ValueError(f"rewards must be finite: the reward of rollout {i} (rank {k}'s "
+                             f"rewards[{first_bad}]) is not, in group {p} (rollouts {lo} .. "
+                             f"{hi - 1})")
+    return distributed.gather_rewards(rewards, group, sizes)

@@ -32,11 +32,21 @@ batch on every rank and keeps this rank's slice; injection decisions are broadca
 group's first rank (``broadcast_decisions``) so that every rank uses the same ones.
 ``decide_injections`` runs a gate once per group on the gathered rewards, with the same
 broadcast.
+
+**Agreement first** (``handshake``): the first collective of every call on a group is one
+all-gather of a small int64 vector per rank: a digest of the call, whether the rank's own
+validation failed, a digest (or an exact checksum) of everything that must be equal on every
+rank (options, shapes, dtypes; for a vocabulary split the targets and per-token inputs too),
+and the sizes the call needs (slice widths, reward and token counts). Every rank then raises
+the same ``ValueError`` together (a rank whose own input was bad raises its own), instead of
+one rank raising while the others wait in a collective, or different shapes aborting inside
+the collective library, or disagreeing ranks returning identical wrong results.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,7 +56,95 @@ if TYPE_CHECKING:
 
 __all__ = ["VocabShard", "vocab_shard", "VocabParallelOps", "combine_vocab_stats",
            "rank_offset", "gather_rewards", "gather_values", "broadcast_decisions",
-           "decide_injections"]
+           "decide_injections", "handshake", "checksum", "HANDSHAKE_WORDS"]
+
+# Words per rank in the agreement all-gather: fixed, so that ranks in different calls still
+# exchange equal-sized tensors (and learn that they are in different calls).
+HANDSHAKE_WORDS = 32
+
+
+def _digest(value: Any) -> int:
+    """A signed 64-bit digest of ``repr(value)`` (equal on every rank for equal values)."""
+    raw = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "little", signed=True)
+
+
+def checksum(tensor: Optional[torch.Tensor]) -> torch.Tensor:
+    """An exact int64 checksum of ``tensor``'s values (its bits, position-weighted), a 0-d
+    tensor on its device: equal tensors give equal sums on every rank. One reduction."""
+    if tensor is None:
+        return torch.zeros((), dtype=torch.int64)
+    x = tensor.detach().reshape(-1)
+    if x.dtype.is_floating_point:
+        bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()]
+        x = x.contiguous().view(bits)
+    x = x.to(torch.int64)
+    weights = torch.arange(x.numel(), device=x.device) % 65521 + 1
+    return (x * weights).sum()
+
+
+def _handshake_device(group: Any) -> torch.device:
+    """NCCL exchanges CUDA tensors (the current device); every other backend CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def handshake(group: Any, op: str, fields: Mapping[str, Any], *,
+              error: Optional[BaseException] = None,
+              counts: Sequence[Any] = ()) -> List[List[int]]:
+    """The first collective of ``op`` on ``group``: agreement and sizes in one all-gather.
+
+    ``fields``: what must be equal on every rank, each a plain value (compared by digest)
+    or a 0-d integer tensor (compared exactly: ``checksum``). ``error``: this rank's own
+    validation error, if any (raised here, after the exchange, so that no rank is left
+    waiting). ``counts``: ints or 0-d integer tensors each rank contributes. Returns every
+    rank's ``counts`` (rank order). Raises ``ValueError`` on every rank together when any
+    rank's validation failed, the ranks are in different calls, or a field differs.
+    """
+    _require_initialized(f"{op}'s process group")
+    names = list(fields)
+    if 2 + len(names) + len(counts) > HANDSHAKE_WORDS:
+        raise ValueError(f"{op}: too many fields for one handshake")
+    device = _handshake_device(group)
+    words = [torch.tensor([_digest((op, names)), int(error is not None)], dtype=torch.int64)]
+    for value in [fields[name] for name in names]:
+        words.append(value.detach().reshape(1).to("cpu", torch.int64)
+                     if isinstance(value, torch.Tensor)
+                     else torch.tensor([_digest(value)], dtype=torch.int64))
+    for value in counts:
+        words.append(value.detach().reshape(1).to("cpu", torch.int64)
+                     if isinstance(value, torch.Tensor)
+                     else torch.tensor([int(value)], dtype=torch.int64))
+    mine = torch.zeros(HANDSHAKE_WORDS, dtype=torch.int64)
+    used = torch.cat(words)
+    mine[:used.numel()] = used
+    mine = mine.to(device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    rows = torch.stack(parts).cpu().tolist()
+    rank = dist.get_rank(group)
+    other_calls = [k for k, row in enumerate(rows) if row[0] != rows[rank][0]]
+    if other_calls:
+        raise ValueError(f"{op}: rank(s) {other_calls} of the process group are in another "
+                         f"call (every rank must make the same calls in the same order)")
+    failed = [k for k, row in enumerate(rows) if row[1]]
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"{op}: rank(s) {failed} of the process group rejected their input "
+                         f"(their own error says why); no rank ran a kernel or collective")
+    for i, name in enumerate(names):
+        values = [row[2 + i] for row in rows]
+        differ = [k for k, v in enumerate(values) if v != values[0]]
+        if differ:
+            shown = fields[name]
+            shown = "" if isinstance(shown, torch.Tensor) else f" (this rank: {shown!r})"
+            raise ValueError(f"{op}: the ranks of the process group disagree on {name}: "
+                             f"rank(s) {differ} differ from rank 0{shown}; every rank must "
+                             f"pass the same")
+    first = 2 + len(names)
+    return [row[first:first + len(counts)] for row in rows]
 
 
 def _require_initialized(what: str):
@@ -83,12 +181,9 @@ class VocabShard:
     vocab_size: int         # the whole vocabulary (the range of the target ids)
 
 
-def vocab_shard(logits: torch.Tensor, group: Any) -> VocabShard:
-    """Where this rank's ``[..., V_k]`` slice sits: one all-gather of the slice sizes."""
-    _require_initialized("vocab_parallel_group")
-    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
-        raise ValueError("logits must be a tensor with a vocabulary dimension last")
-    sizes = _all_gather_sizes(logits.shape[-1], logits.device, group)
+def vocab_shard(group: Any, sizes: Sequence[int]) -> VocabShard:
+    """Where this rank's slice sits, from every rank's slice width (rank order; the
+    ``handshake`` of the call gathers them)."""
     rank = dist.get_rank(group)
     return VocabShard(group, sum(sizes[:rank]), sizes[rank], sum(sizes))
 
@@ -163,24 +258,34 @@ class VocabParallelOps:
 
 
 # --------------------------------------------------------------------------- data-parallel
-def gather_rewards(rewards: torch.Tensor, group: Any = None) -> Tuple[torch.Tensor, int]:
+def gather_rewards(rewards: torch.Tensor, group: Any = None,
+                   sizes: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, int]:
     """Every rank's rewards concatenated in rank order, and where this rank's slice starts.
 
-    Ranks may hold different numbers of rollouts (an all-gather of the sizes, then of the
-    rewards padded to the largest).
+    Ranks may hold different numbers of rollouts. ``sizes``: every rank's count, from a
+    ``handshake`` already made; without it one is made here (the rewards' dtype must agree).
+    Then one all-gather of the rewards padded to the largest count.
     """
-    _require_initialized("process_group")
-    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
-        raise ValueError("rewards must be a 1-D tensor (this rank's rollouts), got "
-                         f"{getattr(rewards, 'shape', type(rewards).__name__)}")
-    return gather_values(rewards, group)
+    if sizes is None:
+        error = None
+        if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+            error = ValueError("rewards must be a 1-D tensor (this rank's rollouts), got "
+                               f"{getattr(rewards, 'shape', type(rewards).__name__)}")
+        rows = handshake(group, "gather_rewards", {"rewards dtype": str(rewards.dtype)
+                                                   if error is None else None},
+                         error=error, counts=[0 if error else rewards.numel()])
+        sizes = [row[0] for row in rows]
+    return gather_values(rewards, group, sizes)
 
 
-def gather_values(values: torch.Tensor, group: Any = None) -> Tuple[torch.Tensor, int]:
+def gather_values(values: torch.Tensor, group: Any = None,
+                  sizes: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, int]:
     """A 1-D tensor of every rank (lengths may differ) concatenated in rank order, and where
-    this rank's part starts."""
+    this rank's part starts. ``sizes``: every rank's length when already known (else one
+    all-gather of the lengths first)."""
     _require_initialized("process_group")
-    sizes = _all_gather_sizes(values.numel(), values.device, group)
+    if sizes is None:
+        sizes = _all_gather_sizes(values.numel(), values.device, group)
     width = max(sizes)
     padded = torch.zeros(width, dtype=values.dtype, device=values.device)
     padded[:values.numel()] = values.detach()

@@ -17,6 +17,9 @@ from .aggregation import aggregation_weights
 from .options import IGNORE_INDEX, LOGIT_DTYPES, LossOptions, check_bool, check_ignore_index
 from .packed import Segments, packed_segments, per_token
 
+# A vocabulary size for ``check_logits_and_targets`` that checks only the lower bound of the
+# target ids: a vocabulary slice, whose whole size is known after the ranks' handshake.
+UNBOUNDED = 1 << 62
 
 # --------------------------------------------------------------------------- tensor checks
 def check_target_ids(target_ids: Any, row_shape: Sequence[int], V: int, device: torch.device,
@@ -307,7 +310,7 @@ class LossInputs:
     old_logp: Optional[torch.Tensor]    # float32 or None
     ref_logp: Optional[torch.Tensor]    # float32 or None
     teacher: torch.Tensor               # bool
-    weights: torch.Tensor               # float32
+    weights: Optional[torch.Tensor]     # float32 (None until attach_weights)
     batch_shape: tuple                  # the caller's target shape, for per-token outputs
     segments: Optional[Segments] = None           # packed sequences (cu_seqlens)
     vocab_shard: Optional[Any] = None             # distributed.VocabShard
@@ -363,14 +366,15 @@ def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
                 computed_advantages: Optional[torch.Tensor] = None,
                 rollout_is_weights: Optional[torch.Tensor] = None,
                 sampling_logp: Optional[torch.Tensor] = None,
-                dtype: torch.dtype = torch.float32) -> LossInputs:
+                dtype: torch.dtype = torch.float32, weights: bool = True) -> LossInputs:
     """The loss's tensors checked against ``target_ids`` and laid out as ``LossInputs``.
 
     ``source`` (named ``source_name`` in errors) is the logits or the fused head's hidden
     states, whose shape and device ``target_ids`` has already been checked against.
     ``per_sequence``: ``advantages`` and ``teacher_mask`` are one per sequence (``True``)
     or one per token (``False``); ``None``: by shape, an error where a shape could mean
-    either (``packed.per_token``).
+    either (``packed.per_token``). ``weights=False`` leaves the aggregation weights for
+    ``attach_weights`` (after the ranks' handshake: it may be a collective).
     """
     device = source.device
     batch_shape = tuple(target_ids.shape)
@@ -427,21 +431,33 @@ def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
         check_per_sequence("teacher_mask", t, per_sequence, segments)
         t = t != 0 if t.dtype.is_floating_point else t.bool()
         teacher = t[:, None].expand(shape2d) if t.dim() == 1 else t
-    weights = aggregation_weights(valid if segments is None else valid.reshape(-1), opts,
-                                  segments, process_group)
 
     def flat(x, to=dtype):
         return None if x is None else x.reshape(-1).to(to).contiguous()
 
     B, T = shape2d
-    return LossInputs(B=B, T=T, targets=targets.reshape(-1).contiguous(),
-                      ignore_index=int(ignore_index), valid=flat(valid, torch.bool),
-                      advantages=flat(adv), old_logp=flat(old), ref_logp=flat(ref),
-                      teacher=flat(teacher, torch.bool), weights=flat(weights),
-                      batch_shape=batch_shape, segments=segments, vocab_shard=vocab_shard,
-                      computed_advantages=computed_advantages, replaced=replaced,
-                      rollout_is=flat(rollout_is), sampling_logp=flat(sampling),
-                      process_group=process_group)
+    inputs = LossInputs(B=B, T=T, targets=targets.reshape(-1).contiguous(),
+                        ignore_index=int(ignore_index), valid=flat(valid, torch.bool),
+                        advantages=flat(adv), old_logp=flat(old), ref_logp=flat(ref),
+                        teacher=flat(teacher, torch.bool), weights=None,
+                        batch_shape=batch_shape, segments=segments, vocab_shard=vocab_shard,
+                        computed_advantages=computed_advantages, replaced=replaced,
+                        rollout_is=flat(rollout_is), sampling_logp=flat(sampling),
+                        process_group=process_group)
+    if weights:
+        attach_weights(inputs, opts, process_group, dtype)
+    return inputs
+
+
+def attach_weights(inputs: LossInputs, opts: LossOptions, process_group: Any = None,
+                   dtype: torch.dtype = torch.float32) -> None:
+    """Set ``inputs.weights`` (``aggregation.aggregation_weights``). With ``"dapo"`` (or a
+    ``process_group``) the token count is all-reduced: a collective, so it comes after
+    every check and the ranks' handshake."""
+    valid = inputs.valid if inputs.segments is not None else inputs.valid.view(inputs.B,
+                                                                                inputs.T)
+    weights = aggregation_weights(valid, opts, inputs.segments, process_group)
+    inputs.weights = weights.reshape(-1).to(dtype).contiguous()
 
 
 def add_teachers(inputs: LossInputs, hit: torch.Tensor) -> None:
@@ -453,5 +469,6 @@ def add_teachers(inputs: LossInputs, hit: torch.Tensor) -> None:
     inputs.teacher = inputs.teacher | per_token_hit
 
 
-__all__ = ["LossInputs", "loss_inputs", "add_teachers", "check_logits_and_targets",
-           "check_target_ids", "check_groups", "group_offsets_of", "packed_segments"]
+__all__ = ["UNBOUNDED", "LossInputs", "loss_inputs", "attach_weights", "add_teachers",
+           "check_logits_and_targets", "check_target_ids", "check_groups", "group_offsets_of",
+           "packed_segments"]

@@ -180,17 +180,24 @@ def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
     ratios (GSPO) or vocabulary blocks make them twice (a statistics pass, then the gradient pass).
     """
     opts, adv_opts = split_options(option_values, options, advantage_options)
-    check_bool("inplace_grad", inplace_grad)
-    check_bool("fp32_accumulate", fp32_accumulate)
-    V = check_linear_inputs(hidden, weight, bias, target_ids, ignore_index)
-    chunks = head.plan_chunks(target_ids.numel(), V, hidden.device, hidden.dtype, chunk_size,
-                              vocab_chunk_size)
+    error = chunks = None
+    try:
+        check_bool("inplace_grad", inplace_grad)
+        check_bool("fp32_accumulate", fp32_accumulate)
+        V = check_linear_inputs(hidden, weight, bias, target_ids, ignore_index)
+        chunks = head.plan_chunks(target_ids.numel(), V, hidden.device, hidden.dtype,
+                                  chunk_size, vocab_chunk_size)
+    except ValueError as e:
+        if process_group is None and opts.aggregation != "dapo":
+            raise
+        error = e                       # raised by every rank together (prepare_loss)
     inputs = prepare_loss(
         hidden, target_ids, advantages, opts, adv_opts, source_name="hidden",
         ignore_index=ignore_index, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
         teacher_mask=teacher_mask, rewards=rewards, group_size=group_size, inject=inject,
         cu_seqlens=cu_seqlens, process_group=process_group, per_sequence=per_sequence,
-        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
+        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp,
+        error=error, op="fused_linear_hapo_loss")
     results = FusedLinearHAPOLossFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, inputs, opts, chunks,
         _wants(hidden, weight, bias), fp32_accumulate)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .backends import Backend, backend_for
-from .distributed import VocabParallelOps, vocab_shard
-from .inputs import check_logits_and_targets
+from .distributed import VocabParallelOps, VocabShard, checksum, handshake, vocab_shard
+from .inputs import UNBOUNDED, check_logits_and_targets, check_target_ids
 from .options import IGNORE_INDEX, check_bool, check_temperature
 from .outputs import first_order_backward
 from .packed import packed_segments
@@ -75,12 +75,16 @@ def selective_log_softmax(logits: torch.Tensor, target_ids: torch.Tensor,
     the unsharded ``logp`` / entropy and, from a loss computed the same way on every rank,
     the gradient of its own slice (``hapo_kernels.distributed``).
     """
-    check_bool("return_entropy", return_entropy)
-    shard = None if vocab_parallel_group is None else vocab_shard(logits, vocab_parallel_group)
-    check_logits_and_targets(logits, target_ids, ignore_index,
-                             vocab_size=None if shard is None else shard.vocab_size)
-    packed_segments(logits, target_ids, cu_seqlens)
-    temperature = check_temperature(temperature)
+    shard = None
+    if vocab_parallel_group is None:
+        check_bool("return_entropy", return_entropy)
+        check_logits_and_targets(logits, target_ids, ignore_index)
+        packed_segments(logits, target_ids, cu_seqlens)
+        temperature = check_temperature(temperature)
+    else:
+        temperature, shard = _vocab_parallel_checks(logits, target_ids, temperature,
+                                                    ignore_index, return_entropy, cu_seqlens,
+                                                    vocab_parallel_group)
     backend = backend_for(logits)
     if shard is not None:
         backend = VocabParallelOps(backend, shard)
@@ -88,6 +92,35 @@ def selective_log_softmax(logits: torch.Tensor, target_ids: torch.Tensor,
                                                   ignore_index, backend,
                                                   return_entropy or shard is not None)
     return (logp, ent) if return_entropy else logp
+
+
+def _vocab_parallel_checks(logits: Any, target_ids: Any, temperature: Any, ignore_index: Any,
+                           return_entropy: Any, cu_seqlens: Any,
+                           group: Any) -> Tuple[float, VocabShard]:
+    """This rank's checks, then one ``handshake`` with the other slices' ranks: the
+    temperature, ``ignore_index``, the targets (shape and an exact checksum) and the rows
+    must be the same on every rank (else every rank raises); returns the temperature and
+    this rank's ``VocabShard``. The target range is checked against the whole vocabulary."""
+    error = None
+    try:
+        check_bool("return_entropy", return_entropy)
+        check_logits_and_targets(logits, target_ids, ignore_index, vocab_size=UNBOUNDED)
+        packed_segments(logits, target_ids, cu_seqlens)
+        temperature = check_temperature(temperature)
+    except ValueError as e:
+        error = e
+    ok = error is None
+    fields = {"temperature": temperature if ok else None,
+              "ignore_index": ignore_index if ok else None,
+              "target_ids shape": tuple(target_ids.shape) if ok else None,
+              "target_ids": checksum(target_ids) if ok else 0,
+              "logits dtype": str(logits.dtype) if ok else None}
+    rows = handshake(group, "selective_log_softmax", fields, error=error,
+                     counts=[logits.shape[-1] if ok else 0])
+    shard = vocab_shard(group, [row[0] for row in rows])
+    check_target_ids(target_ids, target_ids.shape, shard.vocab_size, target_ids.device,
+                     ignore_index)                # the same targets on every rank
+    return temperature, shard
 
 
 class SelectiveLogSoftmax(nn.Module):

@@ -12,12 +12,21 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import distributed
 from .advantages import group_advantages
 from .backends import backend_for
-from .inputs import LossInputs, add_teachers, check_logits_and_targets, loss_inputs
+from .inputs import (
+    UNBOUNDED,
+    LossInputs,
+    add_teachers,
+    attach_weights,
+    check_logits_and_targets,
+    check_target_ids,
+    loss_inputs,
+)
 from .layout import overlaps_itself
 from .options import IGNORE_INDEX, AdvantageOptions, LossOptions, check_bool, split_options
 from .outputs import LossOutput, TokenResults, first_order_backward, new_buffer
@@ -116,28 +125,123 @@ def _ssi_teachers(replaced: torch.Tensor, group_size: int, n_seq: int, device: t
     return replaced[seq // group_size] == seq % group_size
 
 
-def prepare_loss(source: torch.Tensor, target_ids: torch.Tensor,
+def prepare_loss(source: Any, target_ids: Any,
                  advantages: Optional[torch.Tensor], opts: LossOptions,
                  adv_opts: AdvantageOptions, *, source_name: str, ignore_index: int,
                  mask: Optional[torch.Tensor], old_logp: Optional[torch.Tensor],
                  ref_logp: Optional[torch.Tensor], teacher_mask: Optional[torch.Tensor],
                  rewards: Optional[torch.Tensor], group_size: Optional[int],
                  inject: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                 process_group: Any, vocab_shard: Any = None,
+                 process_group: Any, vocab_parallel_group: Any = None,
                  rollout_is_weights: Optional[torch.Tensor] = None,
                  sampling_logp: Optional[torch.Tensor] = None,
-                 per_sequence: Optional[bool] = None) -> LossInputs:
+                 per_sequence: Optional[bool] = None,
+                 error: Optional[BaseException] = None, op: str = "fused_hapo_loss"
+                 ) -> LossInputs:
     """The loss's ``LossInputs`` from a caller's arguments; shared by ``fused_hapo_loss`` and
     ``linear.fused_linear_hapo_loss`` (same arguments, same meaning).
 
-    ``source`` is the logits or the fused head's hidden states, whose shape and device the
-    caller has already checked ``target_ids`` against. Runs ``group_advantages`` for
-    ``rewards=``; every other step only validates and lays out.
+    Every check first, on this rank (``error``: the caller's own checks already failed).
+    Then, where the call spans ranks (``vocab_parallel_group``, ``process_group``, or
+    ``"dapo"`` under torch.distributed), one ``distributed.handshake`` per group: every rank
+    raises together if any rank's checks failed or the ranks disagree. Only then the
+    collectives: ``group_advantages`` for ``rewards=``, the vocabulary slices, the global
+    token count, the SSI teachers' offsets.
     """
+    dp_group = process_group
+    dp = process_group is not None or (opts.aggregation == "dapo" and dist.is_available()
+                                       and dist.is_initialized())
+    grouped = dp or vocab_parallel_group is not None
+    checked = None
+    if error is None:
+        try:
+            checked = _check_loss_inputs(source, target_ids, advantages, opts,
+                                         source_name=source_name, ignore_index=ignore_index,
+                                         mask=mask, old_logp=old_logp, ref_logp=ref_logp,
+                                         teacher_mask=teacher_mask, rewards=rewards,
+                                         group_size=group_size, inject=inject,
+                                         cu_seqlens=cu_seqlens, per_sequence=per_sequence,
+                                         process_group=process_group,
+                                         rollout_is_weights=rollout_is_weights,
+                                         sampling_logp=sampling_logp)
+        except ValueError as e:
+            if not grouped:
+                raise
+            error = e
+    elif not grouped:
+        raise error
+    ok = error is None
+    shard = None
+    if vocab_parallel_group is not None:
+        inputs = checked[0] if ok else None
+        fields = {"options": opts.as_dict(),
+                  "advantage options": adv_opts.as_dict() if rewards is not None else None,
+                  "group_size": group_size, "per_sequence": per_sequence,
+                  "ignore_index": ignore_index,
+                  "logits dtype": str(source.dtype) if ok else None,
+                  "target_ids shape": tuple(target_ids.shape) if ok else None,
+                  "cu_seqlens": distributed.checksum(cu_seqlens) if ok else 0}
+        for name in ("targets", "valid", "advantages", "old_logp", "ref_logp", "teacher",
+                     "rollout_is", "sampling_logp"):
+            fields[name] = distributed.checksum(getattr(inputs, name)) if ok else 0
+        fields["rewards"] = distributed.checksum(rewards) if ok else 0
+        fields["inject"] = distributed.checksum(inject) if ok else 0
+        try:
+            rows = distributed.handshake(vocab_parallel_group, op, fields, error=error,
+                                         counts=[source.shape[-1] if ok else 0])
+            shard = distributed.vocab_shard(vocab_parallel_group, [row[0] for row in rows])
+            check_target_ids(target_ids, target_ids.shape, shard.vocab_size,
+                             target_ids.device, ignore_index)
+        except ValueError as e:
+            error = error or e           # still join the data-parallel handshake below
+    if dp:
+        present = {name: t is not None for name, t in (
+            ("mask", mask), ("old_logp", old_logp), ("ref_logp", ref_logp),
+            ("teacher_mask", teacher_mask), ("rewards", rewards), ("inject", inject),
+            ("cu_seqlens", cu_seqlens), ("rollout_is_weights", rollout_is_weights),
+            ("sampling_logp", sampling_logp))}
+        distributed.handshake(dp_group, op, {
+            "options": opts.as_dict(),
+            "advantage options": adv_opts.as_dict() if rewards is not None else None,
+            "group_size": group_size, "per_sequence": per_sequence,
+            "ignore_index": ignore_index, "inputs given": present,
+            "dtype": str(source.dtype) if ok else None}, error=error)
+    elif error is not None:
+        raise error
+    inputs, segments, n_seq = checked
+    replaced = None
+    if rewards is not None:
+        advantages, replaced = group_advantages(rewards, group_size, inject,
+                                                options=adv_opts, process_group=process_group)
+        inputs = loss_inputs(source, target_ids, advantages, opts, source_name=source_name,
+                             ignore_index=ignore_index, mask=mask, old_logp=old_logp,
+                             ref_logp=ref_logp, teacher_mask=teacher_mask, segments=segments,
+                             per_sequence=per_sequence, replaced=replaced,
+                             computed_advantages=advantages.detach(),
+                             process_group=process_group,
+                             rollout_is_weights=rollout_is_weights,
+                             sampling_logp=sampling_logp, weights=False)
+    inputs.vocab_shard = shard
+    attach_weights(inputs, opts, process_group)
+    if replaced is not None and inject is not None:
+        add_teachers(inputs, _ssi_teachers(replaced, group_size, n_seq, source.device,
+                                           process_group))
+    return inputs
+
+
+def _check_loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
+                       advantages: Optional[torch.Tensor], opts: LossOptions, *,
+                       source_name: str, ignore_index: int, mask: Any, old_logp: Any,
+                       ref_logp: Any, teacher_mask: Any, rewards: Any, group_size: Any,
+                       inject: Any, cu_seqlens: Any, per_sequence: Any, process_group: Any,
+                       rollout_is_weights: Any, sampling_logp: Any) -> tuple:
+    """Every check of ``prepare_loss`` that needs no other rank: ``(inputs, segments,
+    n_seq)`` with ``inputs`` laid out without weights (with ``rewards=``, zeros stand in
+    for the advantages computed later)."""
     segments = packed_segments(source, target_ids, cu_seqlens)
     n_seq = segments.count if segments is not None else (
         target_ids.shape[0] if target_ids.dim() == 2 else 1)
-    replaced = computed = None
+    stand_in = None
     if rewards is not None:
         if advantages is not None:
             raise ValueError("pass either advantages or rewards= (with group_size=), not both")
@@ -149,22 +253,16 @@ def prepare_loss(source: torch.Tensor, target_ids: torch.Tensor,
         if rewards.device != source.device:
             raise ValueError(f"rewards is on {rewards.device} but {source_name} on "
                              f"{source.device}")
-        advantages, replaced = group_advantages(rewards, group_size, inject,
-                                                options=adv_opts, process_group=process_group)
-        computed = advantages.detach()
+        stand_in = advantages = torch.zeros(n_seq, device=source.device)
     elif group_size is not None or inject is not None:
         raise ValueError("group_size= and inject= go with rewards=; got advantages instead")
     inputs = loss_inputs(source, target_ids, advantages, opts, source_name=source_name,
                          ignore_index=ignore_index, mask=mask, old_logp=old_logp,
                          ref_logp=ref_logp, teacher_mask=teacher_mask, segments=segments,
-                         per_sequence=per_sequence, process_group=process_group,
-                         vocab_shard=vocab_shard, replaced=replaced,
-                         computed_advantages=computed,
-                         rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
-    if replaced is not None and inject is not None:
-        add_teachers(inputs, _ssi_teachers(replaced, group_size, n_seq, source.device,
-                                           process_group))
-    return inputs
+                         per_sequence=per_sequence, computed_advantages=stand_in,
+                         process_group=process_group, rollout_is_weights=rollout_is_weights,
+                         sampling_logp=sampling_logp, weights=False)
+    return inputs, segments, n_seq
 
 
 def loss_output(results: tuple, inputs: LossInputs) -> LossOutput:
@@ -253,19 +351,26 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
     opts, adv_opts = split_options(option_values, options, advantage_options)
     grad_wanted = torch.is_grad_enabled() and isinstance(logits, torch.Tensor) \
         and logits.requires_grad
-    if check_bool("inplace_grad", inplace_grad) and grad_wanted:
-        check_inplace_target(logits)
-    shard = (None if vocab_parallel_group is None
-             else distributed.vocab_shard(logits, vocab_parallel_group))
-    check_logits_and_targets(logits, target_ids, ignore_index,
-                             vocab_size=None if shard is None else shard.vocab_size)
+    error = None
+    try:
+        if check_bool("inplace_grad", inplace_grad) and grad_wanted:
+            check_inplace_target(logits)
+        # A vocabulary slice's targets are checked against the whole vocabulary once the
+        # ranks' handshake gave its size (prepare_loss).
+        check_logits_and_targets(logits, target_ids, ignore_index,
+                                 vocab_size=None if vocab_parallel_group is None else UNBOUNDED)
+    except ValueError as e:
+        if vocab_parallel_group is None and process_group is None \
+                and opts.aggregation != "dapo":
+            raise
+        error = e                       # raised by every rank together (prepare_loss)
     inputs = prepare_loss(
         logits, target_ids, advantages, opts, adv_opts, source_name="logits",
         ignore_index=ignore_index, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
         teacher_mask=teacher_mask, rewards=rewards, group_size=group_size, inject=inject,
-        cu_seqlens=cu_seqlens, process_group=process_group, vocab_shard=shard,
-        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp,
-        per_sequence=per_sequence)
+        cu_seqlens=cu_seqlens, process_group=process_group,
+        vocab_parallel_group=vocab_parallel_group, per_sequence=per_sequence, error=error,
+        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
     results = FusedHAPOLossFunction.apply(logits, inputs, opts, inplace_grad, grad_wanted)
     return loss_output(results, inputs)
 

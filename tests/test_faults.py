@@ -122,3 +122,161 @@ while True:
         child.kill()
         child.communicate(timeout=DEADLINE)
     assert load_step(ckpt) >= 1
+
+
+# --------------------------------------------------------------------------- ranks
+RANK = """
+import datetime, json, os, sys, time
+import torch
+import torch.distributed as dist
+import hapo_kernels as hk
+
+rank, world, init_file, scenario = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                        world_size=world, timeout=datetime.timedelta(seconds=8))
+g = torch.Generator().manual_seed(0)
+B, T, V = 2, 3, 11
+x = torch.randn(B, T, V, generator=g)
+y = torch.randint(0, V, (B, T), generator=g)
+adv = torch.randn(B, generator=g)
+cut = [0, 5, V]
+lo, hi = cut[rank], cut[rank + 1]
+group = dist.group.WORLD
+
+
+def vocab_loss(**kw):
+    args = dict(target_ids=y, advantages=adv, vocab_parallel_group=group)
+    args.update(kw)
+    logits = args.pop("logits", x)[..., lo:hi].clone().requires_grad_()
+    return hk.fused_hapo_loss(logits, **args).loss
+
+
+def run():
+    other = rank == 1
+    if scenario == "agree":
+        return float(vocab_loss())
+    if scenario == "temperature":
+        return float(hk.selective_log_softmax(x[..., lo:hi], y, 0.7 if other else 1.0,
+                                              vocab_parallel_group=group).sum())
+    if scenario == "targets":
+        yy = y.clone()
+        if other:
+            yy[1, 2] = (yy[1, 2] + 1) % V
+        return float(vocab_loss(target_ids=yy))
+    if scenario == "token_count":
+        return float(vocab_loss(logits=x[:, :2] if other else x, target_ids=y[:, :2]
+                                if other else y))
+    if scenario == "loss_options":
+        return float(vocab_loss(eps_low=0.1 if other else 0.2))
+    if scenario == "bad_input_one_rank":
+        old = torch.zeros(B, T + (1 if other else 0))
+        return float(hk.fused_hapo_loss(x, y, adv, old_logp=old, aggregation="dapo",
+                                        process_group=group).loss)
+    if scenario == "group_size":
+        return hk.group_advantages(torch.rand(8, generator=g), 2 if other else 4,
+                                   process_group=group)[0].tolist()
+    if scenario == "rewards_dtype":
+        r = torch.rand(8, generator=g)
+        return hk.group_advantages(r.double() if other else r, 4,
+                                   process_group=group)[0].tolist()
+    if scenario == "nan_reward":
+        r = torch.rand(6, generator=g)
+        if other:
+            r[3] = float("nan")
+        return hk.group_advantages(r, 4, process_group=group)[0].tolist()
+    if scenario == "rank_exits":
+        if other:
+            os._exit(0)
+        return float(vocab_loss())
+    if scenario == "rank_skips":
+        if other:
+            time.sleep(30)           # never joins; killed by the test after rank 0 fails
+            return None
+        return float(vocab_loss())
+    raise SystemExit(f"unknown scenario {scenario}")
+
+
+try:
+    result = {"ok": run()}
+except Exception as e:
+    result = {"error": type(e).__name__, "message": str(e)}
+print(json.dumps(result), flush=True)
+os._exit(0)                          # no destroy_process_group: a peer may be gone
+"""
+
+
+def run_ranks(tmp_path, scenario, world=2, deadline=60):
+    """Start ``world`` ranks of ``scenario``; every rank's result (None: it printed none)
+    and how long the slowest took. Kills whatever is left at the deadline."""
+    import json
+    import time
+    start = time.monotonic()
+    procs = [python(RANK, str(r), str(world), str(tmp_path / "init"), scenario)
+             for r in range(world)]
+    out = []
+    try:
+        for proc in procs:
+            left = max(1.0, deadline - (time.monotonic() - start))
+            try:
+                stdout, stderr = proc.communicate(timeout=left)
+            except subprocess.TimeoutExpired:
+                out.append(None)
+                continue
+            lines = [line for line in stdout.splitlines() if line.startswith("{")]
+            out.append(json.loads(lines[-1]) if lines else {"crash": proc.returncode,
+                                                             "stderr": stderr[-2000:]})
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    return out, time.monotonic() - start
+
+
+def test_ranks_that_agree_run(tmp_path):
+    res, _ = run_ranks(tmp_path, "agree")
+    assert all("ok" in r for r in res), res
+    assert res[0]["ok"] == pytest.approx(res[1]["ok"], rel=1e-6)
+
+
+@pytest.mark.parametrize("scenario, words", [
+    ("temperature", "disagree on temperature"),
+    ("targets", "disagree on targets"),
+    ("token_count", "disagree on target_ids shape"),
+    ("loss_options", "disagree on options"),
+    ("group_size", "disagree on group_size"),
+    ("rewards_dtype", "disagree on rewards dtype"),
+])
+def test_ranks_that_disagree_all_raise(tmp_path, scenario, words):
+    """Different temperature, targets or group size across ranks returned identical wrong
+    results on every rank; a token-count or dtype mismatch aborted a rank inside gloo.
+    Now every rank raises the same ValueError, before any kernel or other collective."""
+    res, _ = run_ranks(tmp_path, scenario)
+    for r in res:
+        assert r is not None and r.get("error") == "ValueError", res
+        assert words in r["message"], res
+
+
+def test_one_rank_with_bad_input_does_not_strand_the_others(tmp_path):
+    """Rank 1's old_logp has the wrong shape: it raises its own error, and rank 0 learns
+    of it in the handshake instead of waiting in the token-count all-reduce."""
+    res, took = run_ranks(tmp_path, "bad_input_one_rank")
+    assert res[1] is not None and "old_logp" in res[1]["message"], res
+    assert res[0] is not None and "rank(s) [1]" in res[0]["message"], res
+    assert took < 40
+
+
+def test_non_finite_reward_on_one_rank_named_on_every_rank(tmp_path):
+    res, _ = run_ranks(tmp_path, "nan_reward")
+    for r in res:
+        assert r is not None and r.get("error") == "ValueError", res
+        assert "rollout 9" in r["message"] and "group 2" in r["message"], res
+
+
+@pytest.mark.parametrize("scenario", ["rank_exits", "rank_skips"])
+def test_a_missing_rank_fails_within_the_timeout(tmp_path, scenario):
+    """A rank that exits or never joins: the other fails with the process group's timeout
+    (8 s here) or a closed connection, within the test's deadline, instead of hanging."""
+    res, took = run_ranks(tmp_path, scenario, deadline=45)
+    assert res[0] is not None and "error" in res[0], res
+    assert took < 45
