@@ -20,7 +20,7 @@ from torch import nn
 from . import head
 from .backends import backend_for
 from .inputs import LossInputs, check_target_ids
-from .loss import finish_forward, loss_output, prepare_loss
+from .loss import data_parallel, finish_forward, loss_output, prepare_loss
 from .options import (
     IGNORE_INDEX,
     LOGIT_DTYPES,
@@ -188,7 +188,7 @@ def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
         chunks = head.plan_chunks(target_ids.numel(), V, hidden.device, hidden.dtype,
                                   chunk_size, vocab_chunk_size)
     except ValueError as e:
-        if process_group is None and opts.aggregation != "dapo":
+        if not data_parallel(opts, process_group):
             raise
         error = e                       # raised by every rank together (prepare_loss)
     inputs = prepare_loss(

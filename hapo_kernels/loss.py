@@ -149,8 +149,7 @@ def prepare_loss(source: Any, target_ids: Any,
     token count, the SSI teachers' offsets.
     """
     dp_group = process_group
-    dp = process_group is not None or (opts.aggregation == "dapo" and dist.is_available()
-                                       and dist.is_initialized())
+    dp = data_parallel(opts, process_group)
     grouped = dp or vocab_parallel_group is not None
     checked = None
     if error is None:
@@ -227,6 +226,15 @@ def prepare_loss(source: Any, target_ids: Any,
         add_teachers(inputs, _ssi_teachers(replaced, group_size, n_seq, source.device,
                                            process_group))
     return inputs
+
+
+def data_parallel(opts: LossOptions, process_group: Any) -> bool:
+    """Whether a loss call makes collectives over a data-parallel group: a
+    ``process_group``, or ``"dapo"`` counting tokens over the default group (torch.distributed
+    initialised, no ``normalizer``)."""
+    return process_group is not None or (
+        opts.aggregation == "dapo" and opts.normalizer is None and dist.is_available()
+        and dist.is_initialized())
 
 
 def _check_loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
@@ -360,8 +368,7 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
         check_logits_and_targets(logits, target_ids, ignore_index,
                                  vocab_size=None if vocab_parallel_group is None else UNBOUNDED)
     except ValueError as e:
-        if vocab_parallel_group is None and process_group is None \
-                and opts.aggregation != "dapo":
+        if vocab_parallel_group is None and not data_parallel(opts, process_group):
             raise
         error = e                       # raised by every rank together (prepare_loss)
     inputs = prepare_loss(

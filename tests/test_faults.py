@@ -185,6 +185,12 @@ def run():
         if other:
             r[3] = float("nan")
         return hk.group_advantages(r, 4, process_group=group)[0].tolist()
+    if scenario == "nan_reward_offsets":
+        r = torch.rand(6, generator=g)
+        if other:
+            r[3] = float("nan")
+        return hk.group_advantages(r, group_offsets=torch.tensor([0, 5, 12]),
+                                   process_group=group)[0].tolist()
     if scenario == "rank_exits":
         if other:
             os._exit(0)
@@ -266,11 +272,13 @@ def test_one_rank_with_bad_input_does_not_strand_the_others(tmp_path):
     assert took < 40
 
 
-def test_non_finite_reward_on_one_rank_named_on_every_rank(tmp_path):
-    res, _ = run_ranks(tmp_path, "nan_reward")
+@pytest.mark.parametrize("scenario, group", [("nan_reward", "group 2 (rollouts 8 .. 11)"),
+                                             ("nan_reward_offsets", "group 1 (rollouts 5 .. 11)")])
+def test_non_finite_reward_on_one_rank_named_on_every_rank(tmp_path, scenario, group):
+    res, _ = run_ranks(tmp_path, scenario)
     for r in res:
         assert r is not None and r.get("error") == "ValueError", res
-        assert "rollout 9" in r["message"] and "group 2" in r["message"], res
+        assert "rollout 9" in r["message"] and group in r["message"], res
 
 
 @pytest.mark.parametrize("scenario", ["rank_exits", "rank_skips"])
