@@ -78,8 +78,10 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     start = 0
     n_local = None
     if process_group is not None and (replace_index is not None or teacher_rewards is not None):
-        raise ValueError("replace_index= and teacher_rewards= are not supported with "
-                         "process_group= yet: compute the advantages on one process")
+        # Raised by every rank together (the handshake), like any other error here.
+        error = error or ValueError("replace_index= and teacher_rewards= are not supported "
+                                    "with process_group= yet: compute the advantages on one "
+                                    "process")
     if process_group is not None:
         local = rewards
         rewards, start = _gather(rewards, group_size, group_offsets, inject, options,
