@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup lint test test-cpu test-kernels test-integrations demo bench clean
+.PHONY: setup lint test test-cpu test-kernels test-integrations kernel-report demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test-cpu:
 # The real Triton kernels, run on CPU tensors through Triton's interpreter.
 test-kernels:
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m kernel $(PYTEST_ARGS) tests
+
+# What the kernels compile to for sm_90 (no GPU needed): SASS instructions per element,
+# registers, spills, 128-bit access and a modelled H200 time; fails when a loss or log-prob
+# loop leaves the budget (docs/design.md section 10).
+kernel-report: setup
+	$(PY) -m bench.kernel_report --json bench/results/kernel-report.json
 
 # TRL and verl integration tests, against the real packages. Each gets its own venv (their
 # transformers pins differ), built on first use; hapo-kernels goes in editable, --no-deps.

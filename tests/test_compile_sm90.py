@@ -1,65 +1,99 @@
-"""Every Triton kernel compiles for an H100 (sm_90), on this CPU-only machine.
+"""Every Triton kernel compiles for an H100/H200 (sm_90), on this CPU-only machine, as the
+launchers really launch it.
 
 The interpreter (``TRITON_INTERPRET=1``) accepts code that the CUDA compiler rejects (non-
-constexpr shapes, scalar masks, mixed types in loop-carried values). ``triton.compile`` with
-a CUDA target runs the real front end, the MLIR passes and the bundled ``ptxas`` without a
-GPU, so those mistakes surface in CI instead of on the first lent GPU. Each kernel is built
-for every dtype and for the constexpr variants the wrappers launch.
+constexpr shapes, scalar masks, mixed types in loop-carried values, an argument name that
+Triton's launcher cannot bind). Here each launcher is called on CPU tensors with its kernel
+call captured (``bench.kernel_report.capture``), and the captured arguments go through
+Triton's own specialisation (pointer alignment, divisibility by 16 of integers), with the
+``num_warps`` and block size the launcher picked, into ``triton.compile`` for sm_90 and the
+bundled ``ptxas``. Every dtype, the loss kernel's flag combinations and objectives, aligned
+and unaligned vocabularies. The hot-loop budget itself is ``bench.kernel_report``'s.
 """
 import itertools
 
 import pytest
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+import torch
 
-from hapo_kernels.objective import OBJECTIVES
-from hapo_kernels.options import KERNEL_PARAMS
+from bench.kernel_report import capture, compile_sm90, hot_loop, loss_inputs_for
+from hapo_kernels.objective import OBJECTIVES, TEACHER_OBJECTIVES
+from hapo_kernels.options import AdvantageOptions, LossOptions
+from hapo_kernels.outputs import TokenResults
 from hapo_kernels.triton import advantages, logprobs, loss
 
-SM90 = GPUTarget("cuda", 90, 32)
-LOGIT_TYPES = ["*fp32", "*bf16", "*fp16"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Production vocabularies: a multiple of 16, a multiple of 8 only, odd; and a short row.
+VOCABS = [151936, 151944, 32001, 40]
 
 
-def compile_for_sm90(kernel, signature, constexprs):
-    """Compile ``kernel`` (a ``triton.jit`` function, or one under ``triton.heuristics``,
-    whose flags the test then gives as constexprs); a ``None`` pointer is a constexpr."""
-    fn = kernel
-    while not isinstance(fn, JITFunction):     # unwrap triton.heuristics / autotune
-        fn = fn.fn
-    constexprs = dict(constexprs, **{k: None for k, v in signature.items() if v is None})
-    sig = dict({k: v for k, v in signature.items() if v is not None},
-               **{k: "constexpr" for k in constexprs})
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                              target=SM90)
-    assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
+def only_launch(launches):
+    assert len(launches) == 1, launches
+    return launches[0]
 
 
-ROW = {"T": "i32", "V": "i32", "stride_b": "i64", "stride_t": "i64", "inv_temp": "fp32"}
+@pytest.mark.parametrize("dtype,V", list(zip(itertools.cycle(DTYPES), VOCABS)))
+def test_row_stats_kernel(dtype, V):
+    with capture(logprobs.row_stats_kernel) as launches:
+        logprobs.row_stats(torch.zeros(2, 3, V, dtype=dtype), torch.zeros(2, 3, dtype=torch.long))
+    compiled = compile_sm90(only_launch(launches))
+    assert compiled.local_bytes == 0                      # no spills
 
 
-@pytest.mark.parametrize("x", LOGIT_TYPES)
-def test_row_stats_kernel(x):
-    compile_for_sm90(logprobs.row_stats_kernel,
-                     dict(x_ptr=x, y_ptr="*i64", logp_ptr="*fp32", ent_ptr="*fp32",
-                          lse_ptr="*fp32", spz_ptr="*fp32", ignore_index="i32", **ROW),
-                     {"BLOCK_V": 4096})
-
-
-@pytest.mark.parametrize("x", LOGIT_TYPES)
 @pytest.mark.parametrize("has_logp,has_ent", [(True, True), (True, False), (False, True)])
-def test_grad_logits_kernel(x, has_logp, has_ent):
-    compile_for_sm90(logprobs.grad_logits_kernel,
-                     dict(x_ptr=x, y_ptr="*i64", lse_ptr="*fp32", spz_ptr="*fp32",
-                          gl_ptr="*fp32" if has_logp else None,
-                          ge_ptr="*fp32" if has_ent else None, dx_ptr=x, dstride_b="i64",
-                          dstride_t="i64", ignore_index="i32", **ROW),
-                     {"HAS_LOGP": has_logp, "HAS_ENT": has_ent, "BLOCK_V": 4096})
+@pytest.mark.parametrize("dtype,V", list(zip(DTYPES, VOCABS)))
+def test_grad_logits_kernel(dtype, V, has_logp, has_ent):
+    rows = 6
+    g = torch.zeros(rows)
+    with capture(logprobs.grad_logits_kernel) as launches:
+        logprobs.grad_logits(torch.zeros(2, 3, V, dtype=dtype),
+                             torch.zeros(2, 3, dtype=torch.long), g, g,
+                             g if has_logp else None, g if has_ent else None)
+    compile_sm90(only_launch(launches))
+
+
+def test_strided_view_and_inplace_grad():
+    """``logits[:, :-1]`` of an odd vocabulary (gradient rows in another frame), and the
+    gradient written into the logits themselves."""
+    V = 32001
+    base = torch.zeros(2, 4, V, dtype=torch.bfloat16)
+    g = torch.zeros(6)
+    with capture(logprobs.grad_logits_kernel) as launches:
+        logprobs.grad_logits(base[:, :-1], torch.zeros(2, 3, dtype=torch.long), g, g, g, g)
+        view = base[:, :-1]
+        logprobs.grad_logits(view, torch.zeros(2, 3, dtype=torch.long), g, g, g, g, out=view)
+    assert [x.kwargs["SAME_FRAME"] for x in launches] == [False, True]
+    for launch in launches:
+        compile_sm90(launch)
+
+
+def loss_launch(variant, V, dtype):
+    """The fused-loss launch for a flag combination, through ``triton/loss.token_loss``."""
+    objective = next(k for k, v in OBJECTIVES.items() if v.code == variant["OBJECTIVE"])
+    teacher = next(k for k, v in TEACHER_OBJECTIVES.items()
+                   if v.code == variant["TEACHER_OBJ"])
+    opts = LossOptions(objective=objective, teacher_objective=teacher,
+                       dual_clip=3.0 if variant["HAS_DUAL"] else None,
+                       delta=2.0 if variant["HAS_DELTA"] else None,
+                       beta=0.04 if variant["USE_KL"] else 0.0,
+                       kl_bias_correction=variant["KL_BIAS"],
+                       entropy_coef=0.01 if variant["USE_ENT"] else 0.0,
+                       eps_high=5.0 if objective == "cispo" else 0.2)
+    logits = torch.zeros(2, 3, V, dtype=dtype)
+    inputs = loss_inputs_for(logits, opts, old=variant["HAS_OLD"], ref=variant["HAS_REF"],
+                             rollout_is=variant["HAS_PW"])
+    out = TokenResults.allocate(inputs.rows, inputs.ref_logp is not None, logits.device)
+    grad = torch.empty_like(logits) if variant["WRITE_GRAD"] else None
+    with capture(loss.hapo_loss_kernel) as launches:
+        loss.token_loss(logits, inputs, opts, out, grad)
+    launch = only_launch(launches)
+    for flag, value in variant.items():
+        assert launch.kwargs[flag] == value, flag
+    return launch
 
 
 # Every value of every flag of the loss kernel appears, and every objective of the table
-# that has a kernel branch (one with a sequence weight runs statistics-first); dtypes rotate.
+# that has a kernel branch (one with a sequence weight runs statistics-first); dtypes and
+# vocabularies rotate through them.
 KERNEL_OBJECTIVES = [o.code for o in OBJECTIVES.values() if o.sequence_weight is None]
 LOSS_VARIANTS = [dict(HAS_OLD=o, HAS_REF=r, HAS_DUAL=d, USE_KL=r and k, USE_ENT=e,
                       TEACHER_OBJ=t, WRITE_GRAD=g, HAS_DELTA=dl, KL_BIAS=r and k and kb,
@@ -73,35 +107,45 @@ LOSS_VARIANTS = [dict(HAS_OLD=o, HAS_REF=r, HAS_DUAL=d, USE_KL=r and k, USE_ENT=
                      (True, True, False, True, False, 1, True, False, False, True)])]
 
 
-@pytest.mark.parametrize("variant,x", list(zip(LOSS_VARIANTS, itertools.cycle(LOGIT_TYPES))))
-def test_hapo_loss_kernel(variant, x):
-    f32 = "*fp32"
-    compile_for_sm90(loss.hapo_loss_kernel,
-                     dict(x_ptr=x, dx_ptr=x if variant["WRITE_GRAD"] else None, y_ptr="*i64",
-                          valid_ptr="*i8", adv_ptr=f32,
-                          old_ptr=f32 if variant["HAS_OLD"] else None,
-                          ref_ptr=f32 if variant["HAS_REF"] else None, teacher_ptr="*i8",
-                          w_ptr=f32, loss_ptr=f32, logp_ptr=f32, ent_ptr=f32, ratio_ptr=f32,
-                          clip_lo_ptr="*i8", clip_hi_ptr="*i8",
-                          kl_ptr=f32 if variant["HAS_REF"] else None,
-                          pw_ptr=f32 if variant["HAS_PW"] else None, dstride_b="i64",
-                          dstride_t="i64", n_rows="i32",
-                          params=tuple("fp32" for _ in KERNEL_PARAMS), **ROW),
-                     dict(variant, BLOCK_V=4096))
+@pytest.mark.parametrize("variant,dtype,V", list(zip(LOSS_VARIANTS, itertools.cycle(DTYPES),
+                                                     itertools.cycle(VOCABS))))
+def test_hapo_loss_kernel(variant, dtype, V):
+    compiled = compile_sm90(loss_launch(variant, V, dtype))
+    assert compiled.local_bytes == 0
+
+
+
+
+@pytest.mark.parametrize("V", [151944, 32001])
+def test_hot_loops_read_and_write_128_bits(V):
+    """A vocabulary that is not a multiple of 16 still streams in 128-bit vectors: the
+    launcher's alignment check and the kernel's row frame, as compiled."""
+    variant = dict(LOSS_VARIANTS[1], WRITE_GRAD=True)
+    compiled = compile_sm90(loss_launch(variant, V, torch.bfloat16))
+    for role in ("read", "rw"):
+        loop = hot_loop(compiled, role)
+        assert loop.ldg128 > 0 and loop.ldg_narrow == 0, (role, loop)
+        assert loop.bars == 0 and loop.spill == 0, (role, loop)
+        if role == "rw":
+            assert loop.stg128 > 0 and loop.stg_narrow == 0, loop
 
 
 @pytest.mark.parametrize("has_inject,scale,stats,has_index,has_teacher_r",
-                         [(True, 0, 0, False, False), (False, 1, 1, False, False),
-                          (True, 2, 1, True, True), (True, 1, 0, True, False),
-                          (True, 0, 1, False, True)])
+                         [(True, "group", "all", False, False),
+                          (False, "batch", "on-policy", False, False),
+                          (True, "none", "on-policy", True, True),
+                          (True, "batch", "all", True, False),
+                          (True, "group", "on-policy", False, True)])
 def test_group_advantages_kernel(has_inject, scale, stats, has_index, has_teacher_r):
-    compile_for_sm90(advantages.group_advantages_kernel,
-                     dict(r_ptr="*fp32", offsets_ptr="*i64",
-                          inject_ptr="*i8" if has_inject else None,
-                          index_ptr="*i64" if has_index else None,
-                          teacher_r_ptr="*fp32" if has_teacher_r else None,
-                          adv_ptr="*fp32", r_sub_ptr="*fp32", member_ptr="*i8",
-                          replaced_ptr="*i64", batch_std_ptr="*fp32" if scale == 1 else None,
-                          teacher_reward="fp32", eps="fp32"),
-                     dict(HAS_INJECT=has_inject, HAS_INDEX=has_index,
-                          HAS_TEACHER_R=has_teacher_r, SCALE=scale, STATS=stats, BLOCK_G=16))
+    inject = torch.tensor([True, False, True]) if has_inject else None
+    with capture(advantages.group_advantages_kernel) as launches:
+        advantages.group_advantages(
+            torch.rand(12), torch.arange(0, 13, 4), inject,
+            AdvantageOptions(scale=scale, stats=stats),
+            replace_index=torch.tensor([1, 0, 3]) if has_index else None,
+            teacher_rewards=torch.tensor([1.0, 0.5, 0.9]) if has_teacher_r else None)
+    assert launches
+    for launch in launches:
+        assert (launch.kwargs["HAS_INDEX"], launch.kwargs["HAS_TEACHER_R"]) == \
+            (has_index, has_teacher_r)
+        compile_sm90(launch)

@@ -27,49 +27,61 @@ from ..layout import row_layout
 from ..objective import OBJECTIVES, TEACHER_OBJECTIVES
 from ..options import KERNEL_PARAMS, LossOptions
 from ..outputs import TokenResults
-from .logprobs import row_logsumexp
+from .logprobs import grad_row, row_frame, row_logsumexp
 from .objective import token_objective
-from .rows import block_v, num_warps, row_grid, row_offset
+from .rows import (
+    block_v,
+    default_programs_per_sm,
+    num_warps,
+    row_frame_heuristics,
+    row_grid,
+    row_offset,
+    vector_width,
+)
 
 
-@triton.heuristics({
-    "HAS_OLD": lambda args: args["old_ptr"] is not None,
-    "HAS_REF": lambda args: args["ref_ptr"] is not None,
-    "WRITE_GRAD": lambda args: args["dx_ptr"] is not None,
-    "HAS_DUAL": lambda args: args["params"][KERNEL_PARAMS.index("dual_clip")] > 0,
-    "HAS_DELTA": lambda args: args["params"][KERNEL_PARAMS.index("delta")] > 0,
-    "KL_BIAS": lambda args: args["params"][KERNEL_PARAMS.index("kl_bias_correction")] != 0,
-    "HAS_PW": lambda args: args["pw_ptr"] is not None,
-    "USE_KL": lambda args: args["params"][KERNEL_PARAMS.index("beta")] > 0,
-    "USE_ENT": lambda args: args["params"][KERNEL_PARAMS.index("entropy_coef")] != 0,
-    "BLOCK_V": lambda args: block_v(args["V"]),
-})
+@triton.heuristics(dict(
+    row_frame_heuristics(with_grad=True),
+    HAS_OLD=lambda args: args["old_ptr"] is not None,
+    HAS_REF=lambda args: args["ref_ptr"] is not None,
+    WRITE_GRAD=lambda args: args["dx_ptr"] is not None,
+    HAS_DUAL=lambda args: args["option_params"][KERNEL_PARAMS.index("dual_clip")] > 0,
+    HAS_DELTA=lambda args: args["option_params"][KERNEL_PARAMS.index("delta")] > 0,
+    KL_BIAS=lambda args: args["option_params"][KERNEL_PARAMS.index("kl_bias_correction")] != 0,
+    HAS_PW=lambda args: args["pw_ptr"] is not None,
+    USE_KL=lambda args: args["option_params"][KERNEL_PARAMS.index("beta")] > 0,
+    USE_ENT=lambda args: args["option_params"][KERNEL_PARAMS.index("entropy_coef")] != 0,
+))
 @triton.jit
 def hapo_loss_kernel(
         x_ptr, dx_ptr, y_ptr, valid_ptr, adv_ptr, old_ptr, ref_ptr, teacher_ptr, w_ptr,
         loss_ptr, logp_ptr, ent_ptr, ratio_ptr, clip_lo_ptr, clip_hi_ptr, kl_ptr,
-        n_rows, T, V, stride_b, stride_t, dstride_b, dstride_t, inv_temp, params, pw_ptr,
-        OBJECTIVE: tl.constexpr, TEACHER_OBJ: tl.constexpr,
+        n_rows, T, V, stride_b, stride_t, dstride_b, dstride_t, inv_temp, option_params,
+        pw_ptr, OBJECTIVE: tl.constexpr, TEACHER_OBJ: tl.constexpr,
         HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, WRITE_GRAD: tl.constexpr,
         HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr, USE_KL: tl.constexpr,
         KL_BIAS: tl.constexpr, USE_ENT: tl.constexpr, HAS_PW: tl.constexpr,
+        VEC: tl.constexpr, ALIGNED: tl.constexpr, SAME_FRAME: tl.constexpr,
         BLOCK_V: tl.constexpr):
-    cols = tl.arange(0, BLOCK_V)
     # One row per program, or a persistent grid (triton/rows.py): rows pid, pid + grid, ...
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row = tl.cast(r, tl.int64)
-        x_row = x_ptr + row_offset(row, T, stride_b, stride_t)
-        y = tl.load(y_ptr + row).to(tl.int64)
+        if WRITE_GRAD:
+            grad_ptr = dx_ptr
+        else:                                      # no gradient: a stand-in, never written
+            grad_ptr = x_ptr
+        x_base, dx_base, lead = row_frame(
+            x_ptr, grad_ptr, row_offset(row, T, stride_b, stride_t),
+            row_offset(row, T, dstride_b, dstride_t), VEC, ALIGNED, SAME_FRAME)
+        y = tl.load(y_ptr + row).to(tl.int32)
         valid = tl.load(valid_ptr + row) != 0      # mask and ignore_index folded
         n_read = tl.where(valid, V, 0)             # an invalid row is never read
 
-        # ---- pass 1: online logsumexp relative to the running max m (triton/logprobs.py):
-        #   s = sum exp(z - m),  w = sum exp(z - m) * (z - m);  entropy = log s - w / s.
-        m, s, w = row_logsumexp(x_row, n_read, V, inv_temp, BLOCK_V)
-        log_s = tl.log(s)
-        z_y = tl.load(x_row + y, mask=valid, other=0.0).to(tl.float32) * inv_temp
-        logp = tl.where(valid, (z_y - m) - log_s, 0.0)
-        ent = tl.where(valid, log_s - w / s, 0.0)
+        # ---- pass 1: the row's statistics (triton/logprobs.py): one read, per-lane state.
+        lse, ent, spz = row_logsumexp(x_base, lead, n_read, inv_temp, ALIGNED, VEC, BLOCK_V)
+        x_y = tl.load(x_base + lead + tl.where(valid, y, 0)).to(tl.float32)
+        logp = tl.where(valid, x_y * inv_temp - lse, 0.0)
+        ent = tl.where(valid, ent, 0.0)
 
         # ---- per-token scalars. Invalid tokens: log-ratio 0 (ratio 1), KL 0, loss 0.
         A = tl.load(adv_ptr + row)
@@ -85,8 +97,8 @@ def hapo_loss_kernel(
         if HAS_PW:
             pw = tl.load(pw_ptr + row)
         loss, g_logp, g_ent, rho, kl, clip_lo, clip_hi = token_objective(
-            logp, ent, A, old, ref, is_teacher, valid, pw, params, OBJECTIVE, TEACHER_OBJ,
-            HAS_DUAL, HAS_DELTA, USE_KL, KL_BIAS, USE_ENT)
+            logp, ent, A, old, ref, is_teacher, valid, pw, option_params, OBJECTIVE,
+            TEACHER_OBJ, HAS_DUAL, HAS_DELTA, USE_KL, KL_BIAS, USE_ENT)
         tl.store(loss_ptr + row, tl.where(valid, wt * loss, 0.0))
         tl.store(logp_ptr + row, logp)
         tl.store(ent_ptr + row, ent)
@@ -96,25 +108,16 @@ def hapo_loss_kernel(
         if HAS_REF:
             tl.store(kl_ptr + row, kl)
 
-        # ---- pass 2: dx = w ((onehot - p) dl/dlogp - p (z - sum_pz) dl/dentropy) / T.
-        # Blocks in reverse order: the last blocks pass 1 read are the likeliest in L2.
+        # ---- pass 2: dx = w ((onehot - p) dl/dlogp - p (z - sum_pz) dl/dentropy) / T,
+        # last block first (grad_row); an invalid row's gradient is zeros, the row not read.
         if WRITE_GRAD:
-            dx_row = dx_ptr + row_offset(row, T, dstride_b, dstride_t)
-            lse = m + log_s
-            spz = m + w / s
-            a_logp = tl.where(valid, wt * g_logp * inv_temp, 0.0)
-            a_ent = tl.where(valid, wt * g_ent * inv_temp, 0.0)
-            n_blocks = tl.cdiv(V, BLOCK_V)
-            for i in range(0, n_blocks):
-                idx = (n_blocks - 1 - i) * BLOCK_V + cols
-                z = tl.load(x_row + idx, mask=idx < n_read, other=0.0).to(tl.float32)
-                z = z * inv_temp
-                p = tl.exp(z - lse)
-                dz = (tl.where(idx == y, 1.0, 0.0) - p) * a_logp
-                if USE_ENT:
-                    dz -= tl.where(p > 0, p * (z - spz), 0.0) * a_ent
-                dx = tl.where(valid, dz, 0.0)
-                tl.store(dx_row + idx, dx.to(dx_ptr.dtype.element_ty), mask=idx < V)
+            if valid:
+                grad_row(x_base, dx_base, lead, V, y, x_y, inv_temp, lse, spz,
+                         wt * g_logp * inv_temp, wt * g_ent * inv_temp, False, USE_ENT,
+                         ALIGNED, VEC, BLOCK_V)
+            else:
+                grad_row(x_base, dx_base, lead, V, y, x_y, inv_temp, 0.0, 0.0, 0.0, 0.0, True,
+                         USE_ENT, ALIGNED, VEC, BLOCK_V)
 
 
 def token_loss(logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
@@ -129,8 +132,10 @@ def token_loss(logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
                          "twopass.two_pass_loss runs them")
     L = row_layout(logits)
     D = row_layout(grad) if grad is not None else L
-    block = block_v(L.V)
-    hapo_loss_kernel[row_grid(rows, logits.device)](
+    vec = vector_width(logits)
+    block = block_v(L.V, vec)
+    hapo_loss_kernel[row_grid(rows, logits.device,
+                              default_programs_per_sm(block, logits.element_size()))](
         logits, grad, inputs.targets, inputs.valid.to(torch.int8), inputs.advantages,
         inputs.old_logp, inputs.ref_logp, inputs.teacher.to(torch.int8), inputs.weights,
         out.loss, out.logp, out.entropy, out.ratio, out.clip_low, out.clip_high, out.kl,
@@ -138,4 +143,4 @@ def token_loss(logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
         1.0 / opts.temperature, opts.kernel_params(), inputs.rollout_is,
         OBJECTIVE=OBJECTIVES[opts.objective].code,
         TEACHER_OBJ=TEACHER_OBJECTIVES[opts.teacher_objective].code,
-        num_warps=num_warps(block))
+        BLOCK_V=block, num_warps=num_warps(block, vec))

@@ -6,11 +6,13 @@ others only 65,535). ``row_offset`` turns a row index into its element offset in
 index or the strides, so tensors over 2^31 elements are addressed correctly.
 tests/test_size_limits.py checks it under the interpreter with huge values.
 
-``row_grid``: one program per row by default. The fused loss kernel can also run a
-persistent grid (``persistent_rows(k)`` or ``HAPO_PROGRAMS_PER_SM=k``): ``k`` programs per
-SM, each looping over rows ``pid, pid + grid, ...``, as in Triton's fused-softmax tutorial.
-Fewer rows in flight means the second read of a row (its gradient pass) is more likely
-to find the row still in L2; bench/gpu_check.sh measures both grids side by side.
+``row_grid``: the fused loss kernel runs a persistent grid on a GPU: ``k`` programs per SM,
+each looping over rows ``pid, pid + grid, ...`` (as in Triton's fused-softmax tutorial),
+``k`` from ``default_programs_per_sm`` (``persistent_rows(k)`` or ``HAPO_PROGRAMS_PER_SM=k``
+override it). Few rows in flight let the second read of a row (its gradient pass) find the
+row still in L2; enough blocks in flight per SM keep memory busy. That trade is modelled
+(bench/kernel_report.py), not yet measured; bench/gpu_check.sh measures the grids side by
+side. Other kernels, and the interpreter, run one program per row.
 """
 from __future__ import annotations
 
@@ -64,22 +66,88 @@ def sm_count(device: torch.device) -> int:
     return 1
 
 
-def row_grid(rows: int, device: torch.device) -> tuple:
-    """The 1-D launch grid for a kernel that loops ``for row in range(pid, rows, grid)``."""
+# Bytes a streaming kernel keeps in flight per SM to cover memory latency (Little's law:
+# 132 SMs x 32 KB per ~1 us is about the H200's sustained bandwidth).
+BYTES_IN_FLIGHT_PER_SM = 32 * 1024
+
+
+def default_programs_per_sm(block: int, element_size: int) -> int:
+    """Programs per SM of the fused loss's persistent grid on a GPU: enough blocks of
+    ``block`` columns in flight to cover memory latency, and no more, so that the rows in
+    flight (SMs x programs) fit in L2 and the gradient pass's re-read of a row hits there
+    (bench/kernel_report.py models both)."""
+    return max(1, BYTES_IN_FLIGHT_PER_SM // (block * element_size))
+
+
+def row_grid(rows: int, device: torch.device, default_per_sm: Optional[int] = None) -> tuple:
+    """The 1-D launch grid for a kernel that loops ``for row in range(pid, rows, grid)``:
+    ``programs_per_sm()`` programs per SM when set, else ``default_per_sm`` on a CUDA
+    device, else one program per row."""
     k = programs_per_sm()
+    if k is None and device.type == "cuda":
+        k = default_per_sm
     if k is None:
         return (rows,)
     return (max(1, min(rows, k * sm_count(device))),)
 
 
-MAX_BLOCK_V = 4096
+VECTOR_BYTES = 16          # one 128-bit load or store per thread and vector
+VECTORS_PER_THREAD = 4     # vectors a thread loads per block: 64 bytes in flight per thread
+MAX_WARPS = 16
 
 
-def block_v(V: int) -> int:
-    """Vocabulary columns a program reads per block: the row rounded up to a power of two,
-    between 16 and ``MAX_BLOCK_V``."""
-    return min(MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
+def vector_width(tensor: torch.Tensor) -> int:
+    """Elements of ``tensor`` in one 128-bit vector (8 for bf16 and fp16, 4 for fp32)."""
+    return VECTOR_BYTES // tensor.element_size()
 
 
-def num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
+def block_v(V: int, vec: int) -> int:
+    """Vocabulary columns a program reads per block: ``VECTORS_PER_THREAD`` vectors per
+    thread at up to ``MAX_WARPS`` warps (32 KB a block); for a shorter row, about an eighth
+    of it (the masked tail block stays a small part of the row), at least a vector per lane
+    of a warp."""
+    return min(vec * 32 * MAX_WARPS * VECTORS_PER_THREAD,
+               max(vec * 32, triton.next_power_of_2(V) // 8))
+
+
+def num_warps(block: int, vec: int) -> int:
+    """Warps for a block of ``block`` columns: ``VECTORS_PER_THREAD`` vectors per thread."""
+    return max(1, min(MAX_WARPS, block // (vec * 32 * VECTORS_PER_THREAD)))
+
+
+def rows_aligned(tensor: Optional[torch.Tensor], V: int, stride_b: int, stride_t: int) -> bool:
+    """Every row of ``tensor`` starts on a 16-byte boundary and holds whole vectors."""
+    if tensor is None:
+        return True
+    vec = vector_width(tensor)
+    return (tensor.data_ptr() % VECTOR_BYTES == 0 and V % vec == 0 and stride_b % vec == 0
+            and stride_t % vec == 0)
+
+
+def same_frame(args: dict) -> bool:
+    """Gradient rows at the same offset modulo a vector as the logits rows (``row_frame``
+    relies on it for its address arithmetic, so this is exact, not a hint)."""
+    dx = args.get("dx_ptr")
+    if dx is None:
+        return True
+    vec = vector_width(args["x_ptr"])
+    return (dx.element_size() == args["x_ptr"].element_size()
+            and (args["stride_b"] - args["dstride_b"]) % vec == 0
+            and (args["stride_t"] - args["dstride_t"]) % vec == 0)
+
+
+def row_frame_heuristics(with_grad: bool) -> dict:
+    """``triton.heuristics`` for the constexprs of ``logprobs.row_frame`` (``VEC``,
+    ``ALIGNED``, and ``SAME_FRAME`` for kernels that write a gradient), from the arguments:
+    the launchers pass tensors and strides, nothing else."""
+    def aligned(args):
+        ok = rows_aligned(args["x_ptr"], args["V"], args["stride_b"], args["stride_t"])
+        if with_grad:
+            ok = ok and rows_aligned(args["dx_ptr"], args["V"], args["dstride_b"],
+                                     args["dstride_t"])
+        return ok
+
+    values = {"VEC": lambda args: vector_width(args["x_ptr"]), "ALIGNED": aligned}
+    if with_grad:
+        values["SAME_FRAME"] = same_frame
+    return values
