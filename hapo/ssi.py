@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,7 +23,7 @@ import hapo_kernels as hk
 from hapo_kernels.inputs import check_groups
 from hapo_kernels.options import REPLACE, TEACHER_REWARD, choice
 
-__all__ = ["RolloutBatch", "inject_successes", "lookup_demo"]
+__all__ = ["RolloutBatch", "inject_successes", "lookup_demo", "swap_in_demonstrations"]
 
 FIELDS = ("prompt_ids", "completion_ids", "completion_mask", "rewards", "prompt_index")
 
@@ -84,6 +84,35 @@ def lookup_demo(demos: Any, key: Any) -> Optional[torch.Tensor]:
         raise ValueError(f"demos: the demonstration for prompt {key!r} holds a negative "
                          f"token id ({int(demo.min())})")
     return demo
+
+
+def swap_in_demonstrations(completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                           rows: Sequence[int], demos: Sequence[torch.Tensor],
+                           teacher_mask: Optional[torch.Tensor] = None, *,
+                           pad_token_id: int = 0) -> Tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    """The SSI operator on given rows: row ``rows[i]`` becomes demonstration ``demos[i]``
+    (truncated to the completion width), its mask covers it, and it is marked teacher.
+
+    Returns new ``(completion_ids, completion_mask, teacher_mask)``; the inputs are never
+    written. ``inject_successes`` picks the rows (the worst rollout of each injected group);
+    a trainer whose groups span processes picks this process's rows and calls this.
+    """
+    width = completion_ids.shape[1]
+    completion, mask = completion_ids.clone(), completion_mask.clone()
+    teacher = (torch.zeros(completion.shape[0], dtype=torch.bool, device=completion.device)
+               if teacher_mask is None else teacher_mask.clone().bool())
+    if len(rows) != len(demos):
+        raise ValueError(f"rows and demos must have the same length, got {len(rows)} and "
+                         f"{len(demos)}")
+    for row, demo in zip(rows, demos):
+        demo = demo.reshape(-1)[:width].to(completion.device, completion.dtype)
+        completion[row].fill_(pad_token_id)
+        completion[row, :demo.numel()] = demo
+        mask[row].zero_()
+        mask[row, :demo.numel()] = 1
+        teacher[row] = True
+    return completion, mask, teacher
 
 
 def inject_successes(batch: Any, demos: Any, inject: torch.Tensor, group_size: int, *,
@@ -148,23 +177,19 @@ def inject_successes(batch: Any, demos: Any, inject: torch.Tensor, group_size: i
     _, replaced = hk.group_advantages(rewards, group_size, effective, replace_index=index,
                                       replace=replace, teacher_reward=teacher_reward)
 
-    completion, mask, rewards = completion.clone(), mask.clone(), rewards.clone()
-    teacher = (torch.zeros(N, dtype=torch.bool, device=rewards.device)
-               if old_teacher is None else old_teacher.clone().bool())
+    rewards = rewards.clone()
+    rows, row_demos = [], []
     for p in torch.nonzero(replaced >= 0).flatten().tolist():
         row = p * group_size + int(replaced[p])
-        demo = found[p].to(completion.device, completion.dtype)
-        if demo.numel() > width:
-            warnings.warn(f"teacher demonstration for prompt {keys[p]!r} has {demo.numel()} "
-                          f"tokens; truncated to the batch's completion length {width}",
-                          stacklevel=2)
-            demo = demo[:width]
-        completion[row].fill_(pad_token_id)
-        completion[row, :demo.numel()] = demo
-        mask[row].zero_()
-        mask[row, :demo.numel()] = 1
+        if found[p].numel() > width:
+            warnings.warn(f"teacher demonstration for prompt {keys[p]!r} has "
+                          f"{found[p].numel()} tokens; truncated to the batch's completion "
+                          f"length {width}", stacklevel=2)
+        rows.append(row)
+        row_demos.append(found[p])
         rewards[row] = teacher_reward
-        teacher[row] = True
+    completion, mask, teacher = swap_in_demonstrations(completion, mask, rows, row_demos,
+                                                       old_teacher, pad_token_id=pad_token_id)
     rows = (torch.nonzero(replaced >= 0).flatten() * group_size
             + replaced[replaced >= 0]).to(rewards.device)
     if score is not None and rows.numel():

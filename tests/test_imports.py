@@ -117,3 +117,20 @@ def test_one_version_string():
     assert hapo.__version__ == hapo_kernels.__version__
     text = (ROOT / "pyproject.toml").read_text()
     assert 'version = {attr = "hapo_kernels.version.__version__"}' in text
+
+
+def test_trl_integration_without_trl_names_the_install_line():
+    """Importing hapo.integrations.trl where TRL is missing: an ImportError with the
+    extra's install line (TRL is hidden from a fresh interpreter, installed or not)."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "sys.modules['trl'] = None\n"
+            "try:\n"
+            "    import hapo.integrations.trl\n"
+            "except ImportError as e:\n"
+            "    print('MESSAGE:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 'pip install "hapo-kernels[trl]"' in done.stdout, done.stdout

@@ -30,26 +30,37 @@ A ``GRPOConfig`` option this trainer cannot honour raises ``ValueError`` at cons
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import types
 from typing import Any, Optional
 
 import torch
-from accelerate.utils import is_peft_model
-from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import nanmax, nanmin, use_adapter
+
+try:
+    from accelerate.utils import is_peft_model
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin, use_adapter
+except ImportError as error:        # the extra is not installed: say how to get it
+    raise ImportError(f"hapo.integrations.trl needs TRL (>= 1.16, < 2) with transformers and "
+                      f"accelerate ({error}); install them with: "
+                      f'pip install "hapo-kernels[trl]"') from error
 
 import hapo_kernels as hk
 from hapo_kernels import LossOptions
+from hapo_kernels.distributed import broadcast_decisions
 from hapo_kernels.objective import OBJECTIVES
 from hapo_kernels.options import IGNORE_INDEX
 
 from ..config import HAPOConfig
 from ..lm_head import output_head
-from ..ssi import inject_successes
+from ..ssi import swap_in_demonstrations
 
 __all__ = ["HAPOGRPOTrainer", "unsupported_options", "SUPPORTED_LOSS_TYPES", "TESTED_TRL"]
 
 TESTED_TRL = "1.16.0"       # the version `make test-integrations` checks against TRL's own loss
+GATE_STATE_FILE = "hapo_gate.pt"    # the gate's state in each TRL checkpoint folder
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 # TRL's loss_type as (objective, aggregation); dapo, cispo and vespo divide by TRL's
 # num_items_in_batch normaliser, the rest by gradient accumulation.
@@ -183,6 +194,8 @@ class HAPOGRPOTrainer(GRPOTrainer):
             ``advantages`` options (but ``scale``) are used.
         teacher_column: the dataset column with each prompt's teacher demonstration: a
             completion string (tokenized, EOS appended) or token ids; None: no demo.
+        prompt_id_column: the dataset column that identifies a prompt for
+            ``HAPOConfig(gate_memory="persistent")``; None: the prompt itself.
         fused_linear: compute log-probs, entropies and the loss from the last hidden state
             and the LM head weight (and bias), never materialising the completion logits.
             ``HAPOConfig(fused_linear=True)`` turns it on too. Not for models that change
@@ -193,8 +206,8 @@ class HAPOGRPOTrainer(GRPOTrainer):
 
     def __init__(self, model: Any, reward_funcs: Any = None, args: Optional[GRPOConfig] = None,
                  *rest: Any, hapo: Optional[HAPOConfig] = None, teacher_column: str = "teacher",
-                 fused_linear: bool = False, fused_linear_chunk_size: Optional[int] = None,
-                 **kwargs: Any) -> None:
+                 prompt_id_column: Optional[str] = None, fused_linear: bool = False,
+                 fused_linear_chunk_size: Optional[int] = None, **kwargs: Any) -> None:
         if args is None:
             args = GRPOConfig(output_dir="hapo-grpo")
         if hapo is not None and not isinstance(hapo, HAPOConfig):
@@ -208,17 +221,18 @@ class HAPOGRPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
         self.hapo = hapo
         self.teacher_column = teacher_column
+        self.prompt_id_column = prompt_id_column
         self._hapo_gate = None
         if hapo is not None:
-            if self.accelerator.num_processes > 1:
-                raise ValueError("HAPO in HAPOGRPOTrainer runs on one process (a group's gate "
-                                 "and SSI need all its rollouts); got "
-                                 f"{self.accelerator.num_processes} processes")
             ds = self.train_dataset
             cols = getattr(ds, "column_names", None)
             if cols is not None and teacher_column not in cols:
                 raise ValueError(f"HAPO needs the teacher demonstrations in the dataset column "
                                  f"{teacher_column!r}; the train dataset has {cols}")
+            if cols is not None and prompt_id_column is not None \
+                    and prompt_id_column not in cols:
+                raise ValueError(f"prompt_id_column={prompt_id_column!r} is not a column of the "
+                                 f"train dataset ({cols})")
             self._hapo_gate = hapo.make_gate()
         # The loss options, built and checked once here: a bad value fails at construction.
         objective, aggregation = _LOSS_TYPES[self.loss_type]
@@ -510,8 +524,11 @@ class HAPOGRPOTrainer(GRPOTrainer):
                 nanmin(self.accelerator.gather(per_seq(low))).item())
             metrics["clip_ratio/high_max"].append(
                 nanmax(self.accelerator.gather(per_seq(high))).item())
-        if self.hapo is not None:
-            metrics["hapo/teacher_token_fraction"].append(float(out.teacher_fraction))
+        if self.hapo is not None:           # over every process's tokens, like TRL's means
+            teacher = inputs.get("teacher_mask")
+            teacher = (torch.zeros_like(m) if teacher is None
+                       else teacher.reshape(-1, 1).float().expand_as(m))
+            metrics["hapo/teacher_token_fraction"].append(global_mean(teacher))
 
     def _update_adaptive_entropy(self, stats):
         """TRL's adaptive entropy controller: the window's entropy over every rank moves
@@ -545,8 +562,23 @@ class HAPOGRPOTrainer(GRPOTrainer):
             return output           # evaluation stays plain GRPO
         return self._apply_hapo(output)
 
+    def _prompt_key(self, row) -> int:
+        """A prompt's identity for the persistent gate, the same on every process and
+        across restarts: the dataset's ``prompt_id_column`` value if set, else the prompt
+        itself (text or messages), hashed to an int64."""
+        value = row[self.prompt_id_column] if self.prompt_id_column else row["prompt"]
+        digest = hashlib.sha1(repr(value).encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "little", signed=True)
+
     @torch.no_grad()
     def _apply_hapo(self, output):
+        """Gate and SSI on the generation batch of every process; this process's rows.
+
+        TRL hands each process its slice of the rollouts but the rewards of all of them
+        (groups may span processes). Every process runs the gate on the whole batch (the
+        first process's decisions are broadcast), computes the SSI advantages of the whole
+        batch, and swaps the demonstration into the replaced rollouts it holds.
+        """
         inputs, rewards_per_func = self._hapo_scored
         device = output["completion_ids"].device
         G = self.num_generations
@@ -555,25 +587,43 @@ class HAPOGRPOTrainer(GRPOTrainer):
             raise ValueError("HAPO needs a reward for every rollout; a reward function returned "
                              "None for every function on some completion")
         rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1).to(device)
+        n_local = len(inputs)
+        start = self.accelerator.process_index * n_local
         P = rewards.numel() // G
         grouped = rewards.view(P, G)
         collapsed = (grouped == grouped[:, :1]).all(dim=1)
 
         eos = self._tokenizer.eos_token_id
-        demos = [_teacher_ids(inputs[p * G].get(self.teacher_column), self._tokenizer, eos)
-                 for p in range(P)]
+        demos = [_teacher_ids(row.get(self.teacher_column), self._tokenizer, eos)
+                 for row in inputs]
         demos = [None if d is None else d[:self.max_completion_length] for d in demos]
-        has_demo = torch.tensor([d is not None and d.numel() > 0 for d in demos], device=device)
+        has_demo_rows = torch.tensor([d is not None and d.numel() > 0 for d in demos],
+                                     dtype=torch.long, device=device)
+        keys_rows = torch.tensor([self._prompt_key(row) for row in inputs], dtype=torch.long,
+                                 device=device)
+        # A group's rows share a prompt: its first row speaks for it.
+        has_demo = self.accelerator.gather(has_demo_rows).view(P, G)[:, 0].bool()
+        keys = self.accelerator.gather(keys_rows).view(P, G)[:, 0].tolist()
         if self.hapo.inject == "gate":
-            inject = self._hapo_gate.decide(rewards, G, has_demo=has_demo)
+            persistent = self._hapo_gate.memory == "persistent"
+            inject = self._hapo_gate.decide(rewards, G, has_demo=has_demo,
+                                            prompt_ids=keys if persistent else None)
+            if self.accelerator.num_processes > 1:
+                inject = broadcast_decisions(inject)
         elif self.hapo.inject == "always":
             inject = has_demo
         else:
             inject = torch.zeros_like(has_demo)
+        advantages, replaced = hk.group_advantages(
+            rewards, G, inject, options=self.hapo.advantages.replace(scale=self.scale_rewards))
+        injected = replaced >= 0
+        members = torch.arange(P, device=device) * G + replaced
+        rows = [int(g) - start for g in members[injected].tolist()
+                if start <= int(g) < start + n_local]
 
         # Widen the completion block so the injected demonstrations fit untruncated.
         old_width = output["completion_ids"].shape[1]
-        width = max([old_width] + [demos[p].numel() for p in range(P) if bool(inject[p])])
+        width = max([old_width] + [demos[r].numel() for r in rows])
         pad = self._tokenizer.pad_token_id
         for key, value in (("completion_ids", pad), ("completion_mask", 0), ("tool_mask", 1),
                            ("old_per_token_logps", 0.0), ("ref_per_token_logps", 0.0),
@@ -582,40 +632,50 @@ class HAPOGRPOTrainer(GRPOTrainer):
             # Per-token tensors only: vLLM's ratio is (B, 1) in the sequence modes.
             if key in output and output[key].dim() == 2 and output[key].shape[1] == old_width:
                 output[key] = _pad_right(output[key], width, value)
-
-        batch = {"prompt_ids": output["prompt_ids"], "completion_ids": output["completion_ids"],
-                 "completion_mask": output["completion_mask"], "rewards": rewards,
-                 "prompt_index": torch.arange(P, device=device).repeat_interleave(G)}
-        new, replaced = inject_successes(batch, demos, inject, G,
-                                         teacher_reward=self.hapo.advantages.teacher_reward,
-                                         pad_token_id=pad)
-        injected = replaced >= 0
-        advantages, replaced_adv = hk.group_advantages(
-            rewards, G, injected, options=self.hapo.advantages.replace(scale=self.scale_rewards))
-        assert torch.equal(replaced_adv, replaced), "SSI and group_advantages disagree"
-
-        output["completion_ids"] = new["completion_ids"]
-        output["completion_mask"] = new["completion_mask"]
-        output["teacher_mask"] = new["teacher_mask"]
-        output["advantages"] = advantages.float()
-        loss_mask = new["completion_mask"] * output.get("tool_mask", 1)
+        ids, mask, teacher = swap_in_demonstrations(
+            output["completion_ids"], output["completion_mask"], rows,
+            [demos[r] for r in rows], output.get("teacher_mask"), pad_token_id=pad)
+        output["completion_ids"], output["completion_mask"] = ids, mask
+        output["teacher_mask"] = teacher
+        output["advantages"] = advantages[start:start + n_local].float()
+        loss_mask = mask * output.get("tool_mask", 1)
         output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-        rows = torch.nonzero(new["teacher_mask"]).flatten()
-        if rows.numel():
-            self._rescore_rows(output, rows)
+        if rows:
+            index = torch.tensor(rows, device=device)
+            self._rescore_rows(output, index)
             # No sampler produced the demonstration: no importance correction, no drift.
             if "importance_sampling_ratio" in output:
-                output["importance_sampling_ratio"][rows] = 1.0
+                output["importance_sampling_ratio"][index] = 1.0
             if "sampling_per_token_logps" in output:
                 fresh = output.get("old_per_token_logps")
-                output["sampling_per_token_logps"][rows] = (
-                    0.0 if fresh is None else fresh[rows].to(
+                output["sampling_per_token_logps"][index] = (
+                    0.0 if fresh is None else fresh[index].to(
                         output["sampling_per_token_logps"].dtype))
 
+        # Whole-batch numbers: every process logs the same.
         mode = "train"
         self._metrics[mode]["hapo/injection_rate"].append(injected.float().mean().item())
         self._metrics[mode]["hapo/collapsed_group_fraction"].append(collapsed.float().mean().item())
         return output
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint, plus the gate's state (posteriors, step, random stream) in the
+        same folder (TRL's pattern for its adaptive-entropy controller)."""
+        super()._save_checkpoint(model, trial)
+        if self._hapo_gate is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self._hapo_gate.state_dict(), os.path.join(folder, GATE_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """TRL's resume, plus the gate's state where the checkpoint holds one (every
+        process loads it, so every process's gate continues the same stream)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self._hapo_gate is not None and checkpoint is not None:
+            path = os.path.join(checkpoint, GATE_STATE_FILE)
+            if os.path.exists(path):
+                self._hapo_gate.load_state_dict(torch.load(path, weights_only=False))
 
     def _rescore_rows(self, output, rows):
         """Old-policy and reference log-probs of the injected (teacher) rows."""

@@ -6,6 +6,9 @@ gradient and the logged loss metrics must equal TRL's own, for each supported lo
 both importance-sampling levels. Then a 3-step CPU training run with HAPO injection.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -652,3 +655,119 @@ def test_train_loss_types(model_dir, tokenizer, dataset, tmp_path, loss_type):
     for n, param in previous_trainable_params.items():
         new_param = trainer.model.get_parameter(n)
         assert not torch.equal(param, new_param), f"Parameter {n} has not changed."
+
+
+# ---------------------------------------------------------------- HAPO on several processes
+RUN_SCRIPT = os.path.join(os.path.dirname(__file__), "hapo_trl_run.py")
+
+
+def run_hapo_script(model_dir, out, per_device, processes, port=29533):
+    """hapo_trl_run.py on one process, or on ``processes`` gloo processes via torchrun
+    (accelerate's launcher runs a single process with --cpu)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if processes == 1:
+        cmd = [sys.executable, RUN_SCRIPT]
+    else:
+        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        cmd = [torchrun, "--nproc_per_node", str(processes), "--master_port", str(port),
+               RUN_SCRIPT]
+    done = subprocess.run(cmd + [model_dir, str(out), "--per-device", str(per_device)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def test_two_processes_equal_one(model_dir, tmp_path):
+    """HAPO with groups of 4 rollouts over 2 gloo processes (6 rollouts each: the middle
+    group spans both) equals one process with the same global batch of 12 and seed: the
+    same injections, losses and logged HAPO metrics at every step, on every process, and
+    the same parameters (float32 rounding) and gate state after 4 steps."""
+    one = run_hapo_script(model_dir, tmp_path / "one.pt", per_device=12, processes=1)
+    two = run_hapo_script(model_dir, tmp_path / "two.pt", per_device=6, processes=2)
+    assert (one["processes"], two["processes"]) == (1, 2)
+    steps_one = [h for h in one["history"] if "loss" in h]
+    steps_two = [h for h in two["history"] if "loss" in h]
+    assert len(steps_one) == len(steps_two) == 4
+    rates = []
+    for a, b in zip(steps_one, steps_two):
+        for key in ("loss", "hapo/injection_rate", "hapo/collapsed_group_fraction",
+                    "hapo/teacher_token_fraction", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+        rates.append(a["hapo/injection_rate"])
+    assert len(set(rates)) > 1            # the annealed Thompson gate both opened and closed
+    for name, p in one["params"].items():
+        torch.testing.assert_close(two["params"][name], p, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p, LlamaForCausalLM.from_pretrained(model_dir)
+                               .get_parameter(name).detach()) or "norm" in name
+    assert one["gate"]["step"] == two["gate"]["step"] == 4
+    assert torch.equal(one["gate"]["generator"], two["gate"]["generator"])
+    logged = [torch.load(f"{tmp_path / 'two.pt'}.rank{r}", weights_only=False)["logged"]
+              for r in (0, 1)]
+    assert logged[0] == logged[1] and any(entry for entry in logged[0])
+
+
+# ---------------------------------------------------------------- gate state and memory
+def annealed_thompson():
+    return HAPOConfig(gate_mode="thompson", gate_seed=5, gate_threshold=0.8,
+                      gate_schedule="cosine", gate_gamma_min=0.05, gate_schedule_steps=4)
+
+
+def injection_log(trainer):
+    return [(h["step"], h["hapo/injection_rate"]) for h in trainer.state.log_history
+            if "hapo/injection_rate" in h]
+
+
+def test_resume_continues_the_gate(model_dir, tokenizer, tmp_path):
+    """The gate's state goes into TRL's checkpoint folder; resume_from_checkpoint restores
+    it, so the resumed run continues the anneal and the Thompson stream exactly."""
+    from hapo.integrations.trl import GATE_STATE_FILE
+    rows = Dataset.from_dict({"prompt": [f"w{i} w{i + 1}" for i in range(1, 13)],
+                              "teacher": [f"w{i + 20} w{i + 21}" for i in range(1, 13)]})
+    opts = dict(max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-3,
+                per_device_train_batch_size=2 * G)
+    full = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, rows, tmp_path / "full",
+                        hapo=annealed_thompson(), **opts)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / GATE_STATE_FILE).exists()
+    saved = torch.load(checkpoint / GATE_STATE_FILE, weights_only=False)
+    assert saved["step"] == 3
+
+    resumed = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, rows, tmp_path / "resumed",
+                           hapo=annealed_thompson(), **opts)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    want = [entry for entry in injection_log(full) if entry[0] > 3]
+    assert [e for e in injection_log(resumed) if e[0] > 3] == want and len(want) == 3
+    assert len({rate for _, rate in injection_log(full)}) > 1     # the gate opened and closed
+    a, b = full._hapo_gate.state_dict(), resumed._hapo_gate.state_dict()
+    assert a["step"] == b["step"] == 6
+    assert torch.equal(a["generator"], b["generator"])
+    # Without the restore the gate would restart at step 0 (gamma 0.8) and another stream.
+    fresh = annealed_thompson().make_gate()
+    assert fresh.gamma() == pytest.approx(0.8) and resumed._hapo_gate.gamma() < 0.1
+
+
+@pytest.mark.parametrize("column", [None, "uid"])
+def test_persistent_gate_memory(model_dir, tokenizer, dataset, tmp_path, column):
+    """gate_memory="persistent": one posterior per prompt across steps, keyed by the
+    dataset's prompt_id_column or the prompt itself."""
+    rows = dataset.add_column("uid", ["a", "b", "c"])
+    trainer = HAPOGRPOTrainer(
+        model=model_dir, reward_funcs=zero_reward,
+        args=make_args(tmp_path, max_steps=3, learning_rate=1e-3), train_dataset=rows,
+        processing_class=tokenizer, prompt_id_column=column,
+        hapo=HAPOConfig(gate_memory="persistent", gate_discount=0.5))
+    trainer.train()
+    counts = trainer._hapo_gate.counts
+    keys = {trainer._prompt_key(rows[i]) for i in range(3)}
+    assert set(counts) == keys and len(keys) == 3
+    # 3 steps of one prompt (G = 4 rollouts) each: every prompt seen once, no successes.
+    assert sorted(c for _, c in counts.values()) == [float(G)] * 3
+    assert all(s == 0.0 for s, _ in counts.values())
+    if column == "uid":       # the identity is the column's, not the prompt's
+        other = rows.map(lambda r: {"prompt": r["prompt"] + " w50"})
+        assert trainer._prompt_key(other[0]) == trainer._prompt_key(rows[0])
+    with pytest.raises(ValueError, match="prompt_id_column"):
+        HAPOGRPOTrainer(model=model_dir, reward_funcs=zero_reward, args=make_args(tmp_path),
+                        train_dataset=rows, processing_class=tokenizer,
+                        prompt_id_column="nope", hapo=HAPOConfig())
