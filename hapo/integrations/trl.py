@@ -48,7 +48,7 @@ except ImportError as error:        # the extra is not installed: say how to get
                       f'pip install "hapo-kernels[trl]"') from error
 
 import hapo_kernels as hk
-from hapo_kernels import LossOptions
+from hapo_kernels import AdvantageOptions, LossOptions
 from hapo_kernels.distributed import broadcast_decisions
 from hapo_kernels.objective import OBJECTIVES
 from hapo_kernels.options import IGNORE_INDEX
@@ -234,6 +234,8 @@ class HAPOGRPOTrainer(GRPOTrainer):
                 raise ValueError(f"prompt_id_column={prompt_id_column!r} is not a column of the "
                                  f"train dataset ({cols})")
             self._hapo_gate = hapo.make_gate()
+            # advantages.replace="random": the member an injected group loses, seeded.
+            self._hapo_replace_generator = torch.Generator().manual_seed(args.seed)
         # The loss options, built and checked once here: a bad value fails at construction.
         objective, aggregation = _LOSS_TYPES[self.loss_type]
         self._loss_options = (hapo.loss if hapo else LossOptions()).replace(
@@ -614,8 +616,14 @@ class HAPOGRPOTrainer(GRPOTrainer):
             inject = has_demo
         else:
             inject = torch.zeros_like(has_demo)
-        advantages, replaced = hk.group_advantages(
-            rewards, G, inject, options=self.hapo.advantages.replace(scale=self.scale_rewards))
+        # (AdvantageOptions has a field named "replace": from_kwargs, not .replace())
+        options = AdvantageOptions.from_kwargs(self.hapo.advantages, scale=self.scale_rewards)
+        index = None
+        if options.replace == "random":       # one draw per group, the same on every process
+            index = torch.randint(0, G, (P,), generator=self._hapo_replace_generator)
+            index = index.to(device)
+        advantages, replaced = hk.group_advantages(rewards, G, inject, replace_index=index,
+                                                   options=options)
         injected = replaced >= 0
         members = torch.arange(P, device=device) * G + replaced
         rows = [int(g) - start for g in members[injected].tolist()
@@ -666,7 +674,9 @@ class HAPOGRPOTrainer(GRPOTrainer):
         if self._hapo_gate is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial),
                                   f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(self._hapo_gate.state_dict(), os.path.join(folder, GATE_STATE_FILE))
+            torch.save({"gate": self._hapo_gate.state_dict(),
+                        "replace_generator": self._hapo_replace_generator.get_state()},
+                       os.path.join(folder, GATE_STATE_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """TRL's resume, plus the gate's state where the checkpoint holds one (every
@@ -675,7 +685,9 @@ class HAPOGRPOTrainer(GRPOTrainer):
         if self._hapo_gate is not None and checkpoint is not None:
             path = os.path.join(checkpoint, GATE_STATE_FILE)
             if os.path.exists(path):
-                self._hapo_gate.load_state_dict(torch.load(path, weights_only=False))
+                state = torch.load(path, weights_only=False)
+                self._hapo_gate.load_state_dict(state["gate"])
+                self._hapo_replace_generator.set_state(state["replace_generator"])
 
     def _rescore_rows(self, output, rows):
         """Old-policy and reference log-probs of the injected (teacher) rows."""

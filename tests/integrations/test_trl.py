@@ -731,7 +731,7 @@ def test_resume_continues_the_gate(model_dir, tokenizer, tmp_path):
     checkpoint = tmp_path / "full" / "checkpoint-3"
     assert (checkpoint / GATE_STATE_FILE).exists()
     saved = torch.load(checkpoint / GATE_STATE_FILE, weights_only=False)
-    assert saved["step"] == 3
+    assert saved["gate"]["step"] == 3
 
     resumed = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, rows, tmp_path / "resumed",
                            hapo=annealed_thompson(), **opts)
@@ -771,3 +771,59 @@ def test_persistent_gate_memory(model_dir, tokenizer, dataset, tmp_path, column)
         HAPOGRPOTrainer(model=model_dir, reward_funcs=zero_reward, args=make_args(tmp_path),
                         train_dataset=rows, processing_class=tokenizer,
                         prompt_id_column="nope", hapo=HAPOConfig())
+
+
+@pytest.mark.parametrize("replace", ["worst", "fixed", "random"])
+def test_hapo_replace_modes(model_dir, tokenizer, dataset, tmp_path, replace):
+    """advantages.replace picks the member the demonstration replaces (random: seeded by
+    GRPOConfig.seed, the same draw on every process)."""
+    from hapo_kernels import AdvantageOptions
+    trainer = make_trainer(HAPOGRPOTrainer, model_dir, tokenizer, dataset, tmp_path,
+                           hapo=HAPOConfig(advantages=AdvantageOptions(replace=replace)))
+    g = torch.Generator().manual_seed(0)
+    output = {"prompt_ids": torch.randint(3, 61, (G, 3), generator=g),
+              "prompt_mask": torch.ones(G, 3, dtype=torch.long),
+              "completion_ids": torch.randint(3, 61, (G, 3), generator=g),
+              "completion_mask": torch.ones(G, 3, dtype=torch.long),
+              "advantages": torch.zeros(G), "num_items_in_batch": torch.tensor(3 * G)}
+    trainer._hapo_scored = ([dataset[1]] * G, torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
+    out = trainer._apply_hapo(output)
+    member = {"worst": 1, "fixed": 0,
+              "random": int(torch.randint(0, G, (1,), generator=torch.Generator().manual_seed(0)))}
+    want = [m == member[replace] for m in range(G)]
+    assert out["teacher_mask"].tolist() == want
+
+
+@pytest.fixture(scope="module")
+def moe_model_dir(tmp_path_factory, tokenizer):
+    """A 2-layer Mixtral (4 experts, top 2) with random weights: a MoE router aux loss."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(2)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                           bos_token_id=None, router_aux_loss_coef=0.02)
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    MixtralForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_moe_router_aux_loss_equals_trl(moe_model_dir, tokenizer, dataset, tmp_path):
+    """TRL adds router_aux_loss_coef * aux / GA for MoE models (the architecture's own
+    coefficient by default): the same loss, gradients (router weights included) and
+    aux_loss metric."""
+    opts = dict(LOSS_OPTIONS, loss_type="grpo")
+    theirs = make_trainer(GRPOTrainer, moe_model_dir, tokenizer, dataset, tmp_path, **opts)
+    ours = make_trainer(HAPOGRPOTrainer, moe_model_dir, tokenizer, dataset, tmp_path, **opts)
+    assert theirs.aux_loss_enabled and ours.aux_loss_enabled
+    inputs = make_batch(theirs)
+    loss_t, grads_t = loss_and_grads(theirs, inputs)
+    loss_o, grads_o = loss_and_grads(ours, inputs)
+    assert_equal_to_trl(loss_o, grads_o, loss_t, grads_t)
+    assert any("gate" in name for name in grads_t)     # the router got the aux gradient
+    compare_metrics(ours, theirs)
+    assert "aux_loss" in ours._metrics["train"]
+    with pytest.raises(ValueError, match="router"):
+        make_fused_trainer(moe_model_dir, tokenizer, dataset, tmp_path, **opts)
