@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # GPU machines that bring their own CUDA torch: make test TORCH_SPEC="torch==2.11.0"
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The tested versions of every optional package (pyproject.toml's extras are ranges).
+CONSTRAINTS := -c requirements/constraints.txt
 
 .PHONY: setup lint test test-cpu test-kernels test-integrations kernel-report demo bench clean
 
@@ -13,7 +15,7 @@ $(PY):
 
 setup: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev,bench]"
 	@# Triton < 3.7 (torch <= 2.11 pins it) runs its interpreter only with NumPy < 2.4.
 	@$(PY) -c "from hapo_kernels.backends import installed_interpreter_problem as p; \
 	raise SystemExit(p() is not None)" || $(PY) -m pip install -q "numpy<2.4"
@@ -45,19 +47,20 @@ VENV_TRL ?= .venv-trl
 VENV_VERL ?= .venv-verl
 INTEGRATION_ENV := HAPO_INTEGRATION_TESTS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-$(VENV_TRL)/.installed: requirements/trl.txt pyproject.toml
+$(VENV_TRL)/.installed: requirements/trl.txt requirements/constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV_TRL)
 	$(VENV_TRL)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(VENV_TRL)/bin/python -m pip install -q --no-deps -e .
-	$(VENV_TRL)/bin/python -m pip install -q -r requirements/trl.txt
+	$(VENV_TRL)/bin/python -m pip install -q $(CONSTRAINTS) -r requirements/trl.txt
 	touch $@
 
-$(VENV_VERL)/.installed: requirements/verl.txt requirements/verl-nodeps.txt pyproject.toml
+$(VENV_VERL)/.installed: requirements/verl.txt requirements/verl-nodeps.txt \
+		requirements/constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV_VERL)
 	$(VENV_VERL)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(VENV_VERL)/bin/python -m pip install -q --no-deps -e .
-	$(VENV_VERL)/bin/python -m pip install -q -r requirements/verl.txt
-	$(VENV_VERL)/bin/python -m pip install -q --no-deps -r requirements/verl-nodeps.txt
+	$(VENV_VERL)/bin/python -m pip install -q $(CONSTRAINTS) -r requirements/verl.txt
+	$(VENV_VERL)/bin/python -m pip install -q --no-deps $(CONSTRAINTS) -r requirements/verl-nodeps.txt
 	touch $@
 
 test-integrations: $(VENV_TRL)/.installed $(VENV_VERL)/.installed

@@ -37,15 +37,15 @@ from typing import Any, Optional
 
 import torch
 
+from . import missing_extra
+
 try:
     from accelerate.utils import is_peft_model
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import GRPOConfig, GRPOTrainer
     from trl.trainer.utils import nanmax, nanmin, use_adapter
-except ImportError as error:        # the extra is not installed: say how to get it
-    raise ImportError(f"hapo.integrations.trl needs TRL (>= 1.16, < 2) with transformers and "
-                      f"accelerate ({error}); install them with: "
-                      f'pip install "hapo-kernels[trl]"') from error
+except ImportError as exc:          # the extra is not installed: say how to get it
+    raise missing_extra("hapo.integrations.trl", "trl", exc) from exc
 
 import hapo_kernels as hk
 from hapo_kernels import AdvantageOptions, LossOptions

@@ -25,9 +25,15 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import verl.utils.torch_functional as verl_F
-import verl.workers.utils.losses as verl_losses
-from verl.trainer.ppo.core_algos import agg_loss, register_adv_est, register_policy_loss
+
+from . import missing_extra
+
+try:
+    import verl.utils.torch_functional as verl_F
+    import verl.workers.utils.losses as verl_losses
+    from verl.trainer.ppo.core_algos import agg_loss, register_adv_est, register_policy_loss
+except ImportError as exc:
+    raise missing_extra("hapo.integrations.verl", "verl", exc) from exc
 
 import hapo_kernels as hk
 from hapo_kernels.objective import token_objective

@@ -42,8 +42,14 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from verl import DataProto
-from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+from . import missing_extra
+
+try:
+    from verl import DataProto
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+except ImportError as exc:
+    raise missing_extra("hapo.integrations.verl_trainer", "verl", exc) from exc
 
 import hapo_kernels as hk
 
