@@ -64,17 +64,19 @@ $(VENV_VERL)/.installed: requirements/verl.txt requirements/verl-nodeps.txt \
 	touch $@
 
 test-integrations: $(VENV_TRL)/.installed $(VENV_VERL)/.installed
-	$(INTEGRATION_ENV) $(VENV_TRL)/bin/python -m pytest -q $(PYTEST_ARGS) tests/integrations/test_trl.py
+	$(INTEGRATION_ENV) $(VENV_TRL)/bin/python -m pytest -q $(PYTEST_ARGS) tests/integrations/test_trl.py \
+		tests/integrations/test_compat_trl.py
 	$(INTEGRATION_ENV) $(VENV_VERL)/bin/python -m pytest -q $(PYTEST_ARGS) tests/integrations/test_verl.py \
 		tests/integrations/test_verl_trainer.py
 
-# The main job on built-in defaults: the quick sparse-reward HAPO demo, then the quick benchmark.
+# The main job on built-in defaults: the quick sparse-reward HAPO demo, then the quick
+# benchmark. Everything they write goes to out/ (ignored by git).
 demo: setup
-	$(PY) -m hapo.demo --quick
-	$(PY) -m bench --quick
+	$(PY) -m hapo.demo --quick --out out/demo
+	$(PY) -m bench --quick --out-dir out/bench
 
 bench: setup
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks out

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from hapo.cli import THREADS_HELP, default_threads, positive_int
+
 from . import ops, report, timing
 
 GPU_TOKENS, GPU_VOCAB = [4096, 16384], [32768, 151936]
@@ -36,9 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="logits dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--tokens", type=int, nargs="+", help="token counts N = B*T")
-    p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V")
-    p.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    p.add_argument("--tokens", type=positive_int, nargs="+", help="token counts N = B*T")
+    p.add_argument("--vocab", type=positive_int, nargs="+", help="vocabulary sizes V")
+    p.add_argument("--seq-len", type=positive_int, default=SEQ_LEN)
     p.add_argument("--ops", nargs="+", choices=list(ops.OPS), default=list(ops.OPS))
     p.add_argument("--compile", nargs="*", default=None, metavar="OP",
                    help="ops to run the torch.compile baseline for (default: all; --quick: "
@@ -47,16 +49,15 @@ def parse_args(argv=None):
                    help="shapes for the torch.compile baseline: every one (default), or only "
                         "the largest (default in --quick): a new shape can mean a recompile "
                         "of 30-60 s")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
-                   "all cores)")
-    p.add_argument("--reps", type=int, default=None, help="CPU repeats per row")
+    p.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
+    p.add_argument("--reps", type=positive_int, default=None, help="CPU repeats per row")
     p.add_argument("--max-seconds", type=float, default=None, help="time budget per row")
     p.add_argument("--check", dest="check", action="store_true", default=None,
                    help="correctness table against the float64 reference (default in --quick)")
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
-    p.add_argument("--out-dir", default=os.environ.get("OUT") or "bench/results",
-                   help="where <device>-<date>.json/.png go (default $OUT or bench/results)")
+    p.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join("out", "bench"),
+                   help="where <device>-<date>.json/.png go (default $OUT or out/bench)")
     p.add_argument("--no-save", action="store_true", help="don't write into --out-dir")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--short", action="store_true", help="print the short table last")
@@ -230,7 +231,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = settings(args)
     if cfg["device"] == "cpu":
-        torch.set_num_threads(args.threads or torch.get_num_threads())
+        torch.set_num_threads(args.threads or default_threads())
     threads = torch.get_num_threads()
     device_label = timing.device_name(cfg["device"])
     start = time.time()

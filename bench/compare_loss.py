@@ -1,6 +1,6 @@
 """Issue 3's CPU comparison, interleaved: ours against TRL's eager loss, forward + backward.
 
-    python -m bench.compare_loss            # B=4, T=512, V=32768, fp32, 2 threads
+    python -m bench.compare_loss            # B=4, T=512, V=32768, fp32
 
 pytest-benchmark (``bench/bench_loss.py``) times each implementation in its own block, so a
 noisy neighbour can favour one of them; here the implementations take turns call by call,
@@ -10,14 +10,23 @@ median time with its range, the speed-up over eager and the memory ratio to eage
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 
+from hapo.cli import THREADS_HELP, default_threads, positive_int
+
 from . import ops, timing
 
 NAMES = ("eager (TRL)", "ours", "ours inplace_grad")
+
+
+def progress(message: str) -> None:
+    """One line of progress on stderr (the table goes to stdout)."""
+    print(f"  ... {message}", file=sys.stderr, flush=True)
 
 
 def compare(level: str, B: int, T: int, V: int, repeats: int) -> list:
@@ -33,8 +42,12 @@ def compare(level: str, B: int, T: int, V: int, repeats: int) -> list:
             t0 = time.perf_counter()
             fns[n](inputs[n][rep % 2])
             times[n].append(time.perf_counter() - t0)
-    mem = {n: [timing.measure_peak(lambda n=n: fns[n](inputs[n][0]), "cpu") / 2**20
-               for _ in range(3)] for n in NAMES}
+        progress(f"{level}: timing round {rep + 1}/{repeats}")
+    mem = {}
+    for n in NAMES:
+        progress(f"{level}: peak memory of {n}")
+        mem[n] = [timing.measure_peak(lambda n=n: fns[n](inputs[n][0]), "cpu") / 2**20
+                  for _ in range(3)]
     eager_t, eager_m = statistics.median(times[NAMES[0]]), max(mem[NAMES[0]])
     rows = []
     for n in NAMES:
@@ -49,13 +62,15 @@ def compare(level: str, B: int, T: int, V: int, repeats: int) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--B", type=int, default=4)
-    p.add_argument("--T", type=int, default=512)
-    p.add_argument("--V", type=int, default=32768)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--B", type=positive_int, default=4)
+    p.add_argument("--T", type=positive_int, default=512)
+    p.add_argument("--V", type=positive_int, default=32768)
+    p.add_argument("--repeats", type=positive_int, default=7)
+    p.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())
+    print(f"B={args.B} T={args.T} V={args.V} fp32, {torch.get_num_threads()} thread(s), "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     print("| importance sampling | implementation | median ms (min-max) | x eager | "
           "peak extra MiB | / eager |\n|---|---|---|---|---|---|")
     for level in ("loss_token", "loss_seq"):

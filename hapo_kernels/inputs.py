@@ -36,7 +36,11 @@ def check_target_ids(target_ids: Any, row_shape: Sequence[int], V: int, device: 
         raise ValueError(f"target_ids must be a torch.Tensor, got {type(target_ids).__name__}")
     if target_ids.dtype.is_floating_point or target_ids.dtype.is_complex \
             or target_ids.dtype == torch.bool:
-        raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
+        # The likeliest cause is Liger's argument order (logits, old_logp, ref_logp, ...).
+        raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype} (the "
+                         "arguments are (logits, target_ids, advantages, mask, old_logp, "
+                         "ref_logp); hapo_kernels.compat.liger.triton_grpo_loss takes "
+                         "Liger's order)")
     if tuple(target_ids.shape) != tuple(row_shape):
         raise ValueError(f"target_ids must have shape {tuple(row_shape)} to match "
                          f"{source} {tuple(source_shape or ())}, got {tuple(target_ids.shape)}")

@@ -26,6 +26,7 @@ from .options import (
     LOGIT_DTYPES,
     AdvantageOptions,
     LossOptions,
+    canonical_arguments,
     check_bool,
     check_ignore_index,
     check_temperature,
@@ -179,6 +180,9 @@ def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
     Token-level ratios with full-width chunks make each chunk's logits once; sequence-level
     ratios (GSPO) or vocabulary blocks make them twice (a statistics pass, then the gradient pass).
     """
+    option_values, tensors = canonical_arguments(option_values, mask=mask, old_logp=old_logp,
+                                                 ref_logp=ref_logp)
+    mask, old_logp, ref_logp = tensors["mask"], tensors["old_logp"], tensors["ref_logp"]
     opts, adv_opts = split_options(option_values, options, advantage_options)
     error = chunks = None
     try:

@@ -28,7 +28,14 @@ from .inputs import (
     loss_inputs,
 )
 from .layout import overlaps_itself
-from .options import IGNORE_INDEX, AdvantageOptions, LossOptions, check_bool, split_options
+from .options import (
+    IGNORE_INDEX,
+    AdvantageOptions,
+    LossOptions,
+    canonical_arguments,
+    check_bool,
+    split_options,
+)
 from .outputs import LossOutput, TokenResults, first_order_backward, new_buffer
 from .packed import packed_segments
 from .twopass import two_pass_loss
@@ -356,6 +363,9 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
     ``process_group`` (data-parallel): ``"dapo"`` and ``"token-mean"`` divide by the
     group's token count over its size; with ``rewards=``, groups may span its ranks.
     """
+    option_values, tensors = canonical_arguments(option_values, mask=mask, old_logp=old_logp,
+                                                 ref_logp=ref_logp)
+    mask, old_logp, ref_logp = tensors["mask"], tensors["old_logp"], tensors["ref_logp"]
     opts, adv_opts = split_options(option_values, options, advantage_options)
     grad_wanted = torch.is_grad_enabled() and isinstance(logits, torch.Tensor) \
         and logits.requires_grad

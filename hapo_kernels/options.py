@@ -5,7 +5,9 @@
 checked in ``__post_init__`` (a ``ValueError`` naming the option), and then passed whole: to
 the backends, to the Triton launcher (``LossOptions.kernel_params``), to ``HAPOConfig`` and to
 the integrations. The public functions take the same names as keyword arguments and build
-the object with ``from_kwargs``; nothing else lists the options.
+the object with ``from_kwargs``; nothing else lists the options. ``split_options`` also
+accepts TRL's, Liger-Kernel's and verl's names for the same options (``OPTION_ALIASES``,
+``loss_type``) and says what to pass for a name whose meaning differs (``NOT_THE_SAME``).
 
 Adding a scalar option of an objective: a field here and its name in ``KERNEL_PARAMS``, its
 formula in ``objective.py`` and its Triton branch in ``triton/objective.py``.
@@ -339,11 +341,107 @@ class AdvantageOptions(_Options):
         object.__setattr__(self, "replace", choice("replace", self.replace, REPLACE))
 
 
+# --------------------------------------------------------------------------- other libraries' names
+# TRL's, Liger-Kernel's and verl's names for our options and tensor arguments. A name that
+# means the same thing is accepted and renamed (``canonical_options``, called by
+# ``split_options``); a name whose meaning differs raises a ``TypeError`` saying what to pass.
+OPTION_ALIASES = {
+    "epsilon_low": "eps_low",                              # Liger, TRL's trainer
+    "epsilon_high": "eps_high",                            # Liger, TRL
+    "clip_ratio_low": "eps_low",                           # verl
+    "clip_ratio_high": "eps_high",                         # verl
+    "clip_ratio_c": "dual_clip",                           # verl
+    "importance_sampling_level": "importance_sampling",    # TRL, Liger
+    "loss_agg_mode": "aggregation",                        # verl
+    "max_completion_length": "max_len",                    # TRL, Liger (dr_grpo's width)
+    "entropy_coeff": "entropy_coef",                       # verl
+}
+ARGUMENT_ALIASES = {
+    "completion_mask": "mask",                             # TRL, Liger's triton_grpo_loss
+    "attention_mask": "mask",                              # Liger's chunked loss
+    "response_mask": "mask",                               # verl
+    "old_per_token_logps": "old_logp",                     # TRL, Liger
+    "old_log_prob": "old_logp",                            # verl
+    "ref_per_token_logps": "ref_logp",                     # TRL, Liger
+    "ref_log_prob": "ref_logp",                            # verl
+}
+# TRL's and Liger's ``loss_type`` names an aggregation (AGGREGATION_ALIASES), and for these
+# an objective too, aggregated the way TRL aggregates it.
+LOSS_TYPE_OBJECTIVES = {"cispo": ("cispo", "dapo")}
+NOT_THE_SAME = {
+    "epsilon": "eps_low= and eps_high= (TRL's epsilon is eps_low, and eps_high too unless "
+               "epsilon_high is set)",
+    "clip_ratio": "eps_low= and eps_high= (verl's clip_ratio sets both)",
+    "delta": "dual_clip= (TRL's delta caps the unclipped ratio; it equals dual_clip=delta "
+             "when delta > 1 + eps_high)",
+    "num_items_in_batch": "normalizer= (TRL's and Liger's dapo divide by "
+                          "num_items_in_batch / world_size)",
+    "kl_loss_coef": "beta= (the k3 KL; verl's kl_loss_type 'low_var_kl' also clamps it to "
+                    "[-10, 10])",
+}
+
+
+def loss_type_options(loss_type: Any) -> dict:
+    """TRL's / Liger's ``loss_type`` as our options: ``aggregation``, and ``objective``
+    where the name picks one (``LOSS_TYPE_OBJECTIVES``)."""
+    if isinstance(loss_type, str) and loss_type in LOSS_TYPE_OBJECTIVES:
+        objective, aggregation = LOSS_TYPE_OBJECTIVES[loss_type]
+        return {"objective": objective, "aggregation": aggregation}
+    if not isinstance(loss_type, str) or loss_type not in AGGREGATION_ALIASES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of "
+                         f"{list(AGGREGATION_ALIASES) + list(LOSS_TYPE_OBJECTIVES)}")
+    return {"aggregation": loss_type}
+
+
+def canonical_options(kwargs: Mapping[str, Any]) -> dict:
+    """``kwargs`` with TRL's, Liger's and verl's option names renamed to ours.
+
+    ``OPTION_ALIASES`` are renamed and ``loss_type`` expanded (``loss_type_options``). A
+    name in ``NOT_THE_SAME`` or one option given under two names raises ``TypeError``.
+    """
+    out, origin = {}, {}
+    for name, value in kwargs.items():
+        if name in NOT_THE_SAME:
+            raise TypeError(f"{name!r} is not an option of hapo-kernels; pass "
+                            f"{NOT_THE_SAME[name]}")
+        if name == "loss_type":
+            renamed = loss_type_options(value)
+        else:
+            renamed = {OPTION_ALIASES.get(name, name): value}
+        for key, v in renamed.items():
+            if key in out:
+                raise TypeError(f"option {key!r} given twice: as {origin[key]!r} and as "
+                                f"{name!r}")
+            out[key], origin[key] = v, name
+    return out
+
+
+def canonical_arguments(kwargs: Mapping[str, Any], **given: Any) -> Tuple[dict, dict]:
+    """Take other libraries' names for tensor arguments (``ARGUMENT_ALIASES``) out of
+    ``kwargs``: ``(the other kwargs, given)`` with ``given`` (our names, as the caller
+    received them) filled in; a tensor passed under two names raises ``TypeError``."""
+    rest, given = {}, dict(given)
+    for name, value in kwargs.items():
+        ours = ARGUMENT_ALIASES.get(name)
+        if ours is None:
+            rest[name] = value
+        elif ours not in given:
+            raise TypeError(f"{name!r} ({ours!r} here) is not an argument of this function")
+        elif given[ours] is not None:
+            raise TypeError(f"{ours!r} given twice: as {ours!r} and as {name!r}")
+        else:
+            given[ours] = value
+    return rest, given
+
+
 def split_options(kwargs: Mapping[str, Any], loss: Optional[LossOptions] = None,
                   advantages: Optional[AdvantageOptions] = None
                   ) -> Tuple[LossOptions, AdvantageOptions]:
-    """``(LossOptions, AdvantageOptions)`` from one mapping of keyword options; a name
-    that is neither's raises ``TypeError`` listing both sets."""
+    """``(LossOptions, AdvantageOptions)`` from one mapping of keyword options, the one
+    place keyword options are parsed: other libraries' names are renamed first
+    (``canonical_options``), and a name that is neither's raises ``TypeError`` listing both
+    sets."""
+    kwargs = canonical_options(kwargs)
     loss_names, adv_names = set(LossOptions.names()), set(AdvantageOptions.names())
     unknown = sorted(set(kwargs) - loss_names - adv_names)
     if unknown:

@@ -1,5 +1,6 @@
 """The benchmark harness itself: tiny shapes, no timing claims (those live in bench/)."""
 import json
+import os
 
 import pytest
 import torch
@@ -139,3 +140,24 @@ def test_compare_loss_runs_on_tiny_shapes():
     assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in rows)
     assert rows[0]["mem_ratio"] in (1.0, None)      # None: eager's peak below RSS resolution
     assert all(r["peak_mib"] >= 0 for r in rows)
+
+
+def test_compare_loss_reports_progress(capsys):
+    from bench.compare_loss import compare
+    compare("loss_token", 1, 2, 33, repeats=2)
+    err = capsys.readouterr().err
+    assert "timing round 2/2" in err and "peak memory of ours" in err
+
+
+@pytest.mark.parametrize("argv", [["--vocab", "0"], ["--tokens", "-4"], ["--threads", "0"]])
+def test_runner_rejects_bad_sizes_with_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        runner.parse_args(argv)
+    assert stop.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_results_go_to_the_ignored_out_folder(monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    assert runner.parse_args([]).out_dir == os.path.join("out", "bench")
+    assert "out/" in open(os.path.join(os.path.dirname(__file__), "..", ".gitignore")).read()

@@ -242,3 +242,21 @@ def test_cli_merge_summarizes_runs_split_over_processes(tmp_path, tiny_scenarios
         assert len(f.readlines()) == 4
     with pytest.raises(SystemExit):
         run(common + ["--out", str(merged), "--merge", str(a), str(a)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["--steps", "two"], "argument --steps: 'two' is not a whole number"),
+])
+def test_cli_rejects_bad_numbers_before_running(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_defaults_write_to_the_ignored_out_folder():
+    from hapo.demo.__main__ import parse_args
+    assert parse_args([]).out == os.path.join("out", "demo")
+    assert parse_args([]).threads is None          # hapo.cli.default_threads() at run time

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..cli import THREADS_HELP, default_threads, positive_int
 from .experiment import METHODS, comparisons, format_comparisons, format_table, run_all, summarize
 from .plots import plot_runs
 from .scenarios import SCENARIOS
@@ -31,14 +32,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--scenario", default="exact-teacher", choices=list(SCENARIOS),
                    help="the task and its teacher (default exact-teacher)")
     p.add_argument("--quick", action="store_true", help="the scenario's short settings")
-    p.add_argument("--out", default="hapo_demo_out", help="output folder (default hapo_demo_out/)")
-    p.add_argument("--seeds", type=int,
+    p.add_argument("--out", default=os.path.join("out", "demo"),
+                   help="output folder (default out/demo/)")
+    p.add_argument("--seeds", type=positive_int,
                    help="number of seeds (default: the scenario's; seeds first-seed ...)")
     p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
-    p.add_argument("--steps", type=int, help="training steps per run (default: the scenario's)")
+    p.add_argument("--steps", type=positive_int,
+                   help="training steps per run (default: the scenario's)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the tiny model is fastest on one)")
+    p.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="summarize the runs.jsonl of these output folders instead of training")
     return p.parse_args(argv)
@@ -65,26 +67,23 @@ def load_runs(folders: Sequence[str], methods: Sequence[str]) -> list:
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the demo; return what summary.json holds."""
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())
     scenario = SCENARIOS[args.scenario]
     settings = scenario.quick if args.quick else scenario.full
     if args.seeds is not None:
-        if args.seeds < 1:
-            raise SystemExit("--seeds must be >= 1")
         settings = replace(settings, seeds=tuple(range(args.first_seed,
                                                        args.first_seed + args.seeds)))
     elif args.first_seed:
         settings = replace(settings, seeds=tuple(s + args.first_seed for s in settings.seeds))
     if args.steps is not None:
-        if args.steps < 1:
-            raise SystemExit("--steps must be >= 1")
         settings = replace(settings, steps=args.steps)
     settings = replace(settings, methods=tuple(args.methods or METHODS))
     os.makedirs(args.out, exist_ok=True)
     task = scenario.task
     print(f"hapo demo, scenario {scenario.name}: {scenario.description}; "
           f"{len(settings.seeds)} seeds x {settings.steps} steps x "
-          f"{settings.prompts_per_step} prompts x G={settings.group_size}")
+          f"{settings.prompts_per_step} prompts x G={settings.group_size}; "
+          f"{torch.get_num_threads()} thread(s)")
     start = time.perf_counter()
     log_path = os.path.join(args.out, "runs.jsonl")
     if args.merge:

@@ -123,7 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     """Write consistency.md and consistency.png into ``--out``; return the Markdown text."""
     p = argparse.ArgumentParser(prog="python -m hapo.demo.consistency",
                                 description="P(inject) tables and plot for the HAPO gate")
-    p.add_argument("--out", default="docs", help="output folder (default docs/)")
+    p.add_argument("--out", default=os.path.join("out", "consistency"),
+                   help="output folder (default out/consistency/; the copy in the "
+                        "repository is made with --out docs)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     text = "\n".join([
