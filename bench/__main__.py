@@ -193,7 +193,7 @@ def correctness(cfg, op_names):
 
 
 def big_spot_check(cfg, min_elements=2 ** 31, seq_len=SEQ_LEN):
-    """Issue 7: logits over 2^31 elements (16384 x 151936 is 2.49e9). Ours on the largest
+    """No size limits: logits over 2^31 elements (16384 x 151936 is 2.49e9). Ours on the largest
     shape of the run; the last rows (where int32 offsets would go wrong) against float64:
     no-grad log-probs, and the token-level loss gradient of the last sequence (its reference
     uses the whole batch's token count as normalizer, so the two must agree exactly)."""

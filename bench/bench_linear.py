@@ -18,7 +18,7 @@ on CPU the process's resident high-water mark (``VmHWM`` reset through
 ``/proc/self/clear_refs``, glibc set to return freed blocks at once), since torch's CPU
 allocator does not cache and has no counters.
 
-Targets (issue 8): CPU, N=4096, H=512, V=32768, fp32: ours <= 1/4 of materialised's peak
+Targets: CPU, N=4096, H=512, V=32768, fp32: ours <= 1/4 of materialised's peak
 extra memory. GPU, N=16384, H=4096, V=151936, bf16: <= 10% of its memory, time <= 1.15x.
 
     python -m bench.bench_linear                      # CPU target shape, 2 threads

@@ -1,9 +1,9 @@
-"""fused_hapo_loss forward+backward against TRL's eager GRPO loss (issue 3's benchmark).
+"""fused_hapo_loss forward+backward against TRL's eager GRPO loss.
 
 The shape is the issue's: B=4, T=512, V=32768, fp32 logits, 2 torch threads (conftest).
 On CPU tensors ``ours`` is the chunked CPU path. The eager loss is TRL's: gather minus
 logsumexp, entropy for the metrics, clip, k3 KL, masked token mean (bench/baselines.py).
-Targets (issue 3): ours >= 2x faster and <= 1/3 of the eager peak extra memory; the
+Targets: ours >= 2x faster and <= 1/3 of the eager peak extra memory; the
 numbers are printed at the end of the run (peak extra MiB column) and in
 ``--benchmark-json`` extra_info.
 

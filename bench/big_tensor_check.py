@@ -1,4 +1,4 @@
-"""No size limits on a GPU (issue 7): one case with logits over 2^31 elements.
+"""No size limits on a GPU: one case with logits over 2^31 elements.
 
     python bench/big_tensor_check.py [--out-dir DIR] [--rows 70000] [--vocab 32768]
 

@@ -1,4 +1,4 @@
-"""Issue 3's CPU comparison, interleaved: ours against TRL's eager loss, forward + backward.
+"""The CPU loss comparison, interleaved: ours against TRL's eager loss, forward + backward.
 
     python -m bench.compare_loss            # B=4, T=512, V=32768, fp32
 

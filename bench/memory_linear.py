@@ -11,7 +11,7 @@ over from another implementation), is warmed up by one step, and the second step
 measured: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the resident-set high-water
 mark (``VmHWM`` reset through ``/proc/self/clear_refs``, glibc told to unmap freed blocks
 over 64 KiB at once: see bench/timing.py, whose 64 MiB calibration is tested in
-tests/test_bench.py). Target (issue 8): ours <= 1/4 of materialised on CPU, <= 10% on GPU.
+tests/test_bench.py). Target: ours <= 1/4 of materialised on CPU, <= 10% on GPU.
 """
 from __future__ import annotations
 

@@ -134,6 +134,7 @@ class HAPOConfig:
                              self.gate_schedule_steps)
 
     def make_gate(self) -> ThompsonGate:
+        """A new ``ThompsonGate`` with this config's gate options and schedule."""
         return ThompsonGate(threshold=self.gate_threshold, mode=self.gate_mode,
                             prior=self.gate_prior, success_threshold=self.success_threshold,
                             memory=self.gate_memory, discount=self.gate_discount,
@@ -141,4 +142,6 @@ class HAPOConfig:
                             comparison=self.gate_comparison)
 
     def to_dict(self) -> dict:
+        """Every field as plain Python values (the option objects as dicts), for JSON and
+        checkpoints."""
         return asdict(self)

@@ -233,6 +233,7 @@ class ThompsonGate:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """Everything needed to resume the gate: step, counts, random state, config."""
         return {"step": self.step, "counts": dict(self.counts),
                 "generator": self.generator.get_state(),
                 "config": {"threshold": self.threshold, "mode": self.mode,
@@ -241,6 +242,7 @@ class ThompsonGate:
                            "comparison": self.comparison, "seed": self.seed}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` saved."""
         mine = self.state_dict()["config"]
         theirs = state.get("config", mine)
         differ = {k for k in mine if k != "seed"

@@ -1,4 +1,4 @@
-"""A policy's last hidden state and LM head, for the fused-linear loss path (issue 8).
+"""A policy's last hidden state and LM head, for the fused-linear loss path.
 
 With ``HAPOConfig(fused_linear=True)`` the trainer never asks the policy for logits during
 the loss: it takes the hidden states before the head and the head's weight, and

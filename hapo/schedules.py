@@ -54,17 +54,20 @@ class Schedule:
 
 
 class Constant(Schedule):
+    """gamma_t = gamma at every step."""
     def __init__(self, gamma: float = 0.8) -> None:
         super().__init__(gamma=gamma, gamma_min=gamma, total_steps=1)
 
 
 class Linear(Schedule):
+    """gamma_t falls linearly from gamma to gamma_min over ``total_steps``."""
     def shape(self, frac: float) -> float:
         """``frac`` itself: the threshold moves linearly."""
         return frac
 
 
 class Cosine(Schedule):
+    """gamma_t falls from gamma to gamma_min along a half cosine over ``total_steps``."""
     def shape(self, frac: float) -> float:
         """``(1 - cos(pi frac)) / 2``: slow at both ends, fastest halfway."""
         return 0.5 * (1.0 - math.cos(math.pi * frac))
@@ -87,19 +90,23 @@ class Exponential(Schedule):
 
 
 def constant(gamma: float = 0.8) -> Schedule:
+    """A ``Constant`` schedule."""
     return Constant(gamma)
 
 
 def linear(gamma: float = 0.8, gamma_min: float = 0.5, total_steps: int = 1000) -> Schedule:
+    """A ``Linear`` schedule."""
     return Linear(gamma, gamma_min, total_steps)
 
 
 def cosine(gamma: float = 0.8, gamma_min: float = 0.5, total_steps: int = 1000) -> Schedule:
+    """A ``Cosine`` schedule."""
     return Cosine(gamma, gamma_min, total_steps)
 
 
 def exponential(gamma: float = 0.8, gamma_min: float = 0.5, total_steps: int = 1000,
                 rate: float = 5.0) -> Schedule:
+    """An ``Exponential`` schedule."""
     return Exponential(gamma, gamma_min, total_steps, rate)
 
 

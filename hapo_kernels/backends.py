@@ -41,21 +41,29 @@ class Backend(Protocol):
 
     def row_stats(self, logits: torch.Tensor, target_ids: torch.Tensor, temperature: float,
                   ignore_index: int, *, out: Optional[RowStats] = None,
-                  need_entropy: bool = True) -> RowStats: ...
+                  need_entropy: bool = True) -> RowStats:
+        """float32 ``(logp, entropy, lse, sum_pz)`` per row; 0 on ignored rows."""
+        ...
 
     def grad_logits(self, logits: torch.Tensor, target_ids: torch.Tensor, lse: torch.Tensor,
                     sum_pz: torch.Tensor, g_logp: Optional[torch.Tensor],
                     g_ent: Optional[torch.Tensor], temperature: float, ignore_index: int,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The logits' gradient from per-row upstream gradients of ``logp`` and ``entropy``."""
+        ...
 
     def token_loss(self, logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
-                   out: TokenResults, grad: Optional[torch.Tensor]) -> None: ...
+                   out: TokenResults, grad: Optional[torch.Tensor]) -> None:
+        """The fused token-level loss into ``out``, its gradient into ``grad`` if given."""
+        ...
 
     def group_advantages(self, rewards: torch.Tensor, offsets: torch.Tensor,
                          inject: Optional[torch.Tensor], opts: AdvantageOptions, *,
                          replace_index: Optional[torch.Tensor] = None,
                          teacher_rewards: Optional[torch.Tensor] = None
-                         ) -> Tuple[torch.Tensor, torch.Tensor]: ...
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Group advantages with SSI substitution: ``(advantages, replaced)``."""
+        ...
 
 
 # name -> the module that implements ``Backend`` (imported on first use: triton is optional)
@@ -69,6 +77,7 @@ _default: list = [None]
 
 
 def triton_interpret() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` (Triton kernels on CPU tensors, through the interpreter)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

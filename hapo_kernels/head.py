@@ -40,10 +40,13 @@ MIN_ROWS = {"cuda": 128, "cpu": 16}
 
 @dataclass(frozen=True)
 class Chunks:
+    """How the fused LM head cuts the work: ``rows`` tokens per chunk, ``vocab`` columns per
+    block."""
     rows: int           # tokens per chunk
     vocab: int          # vocabulary columns per block; == V when rows are not split
 
     def split(self, V: int) -> bool:
+        """Whether the vocabulary is cut into blocks (an online logsumexp joins them)."""
         return self.vocab < V
 
 
@@ -76,6 +79,7 @@ def plan_chunks(N: int, V: int, device: torch.device, dtype: torch.dtype = torch
 
 
 def ranges(n: int, step: int) -> List[Tuple[int, int]]:
+    """``(start, stop)`` pieces of ``range(n)`` of at most ``step`` each."""
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
@@ -130,6 +134,7 @@ class Grads:
 
     @property
     def any(self) -> bool:
+        """Whether any gradient (hidden, weight or bias) is wanted."""
         return self.h is not None or self.w is not None or self.b is not None
 
     def add(self, r0: int, r1: int, h: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
@@ -232,6 +237,7 @@ class HeadOps:
 
     def row_stats(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
                   ignore_index: int, *, out: tuple) -> tuple:
+        """``Backend.row_stats`` over the head's logits, chunk by chunk, into ``out``."""
         stats_pass(hidden, self.weight, self.bias, targets, temperature, ignore_index,
                    self.chunks, self.backend, out)
         return out
@@ -240,6 +246,8 @@ class HeadOps:
                     spz: torch.Tensor, g_logp: Optional[torch.Tensor],
                     g_ent: Optional[torch.Tensor], temperature: float, ignore_index: int,
                     *, out: Grads) -> None:
+        """``Backend.grad_logits`` through the head: accumulates the hidden, weight and bias
+        gradients."""
         def flat(t):
             return None if t is None else t.reshape(-1)
         grad_pass(hidden, self.weight, self.bias, targets, lse, spz, flat(g_logp), flat(g_ent),

@@ -326,6 +326,7 @@ class LossInputs:
 
     @property
     def rows(self) -> int:
+        """The number of token rows, ``B * T``."""
         return self.B * self.T
 
     def token_vectors(self, sl: slice = slice(None)) -> dict:

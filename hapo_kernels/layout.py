@@ -14,6 +14,8 @@ import torch
 
 @dataclass(frozen=True)
 class RowLayout:
+    """How the rows of ``[B, T, V]`` (or ``[N, V]``) logits sit in memory: sizes and element
+    strides."""
     B: int
     T: int
     V: int
@@ -22,6 +24,7 @@ class RowLayout:
 
     @property
     def rows(self) -> int:
+        """The number of rows, ``B * T``."""
         return self.B * self.T
 
 

@@ -101,6 +101,7 @@ class FusedLinearHAPOLossFunction(torch.autograd.Function):
                 bias: Optional[torch.Tensor], inputs: LossInputs, opts: LossOptions,
                 chunks: head.Chunks, wants: Tuple[bool, bool, bool],
                 fp32_accumulate: bool) -> tuple:
+        """Loss, per-token results and every wanted gradient, chunk by chunk."""
         device, n = hidden.device, hidden.shape[0]
         out = TokenResults.allocate(n, inputs.ref_logp is not None, device)
         grads = head.Grads(hidden, weight, bias, *wants, fp32_accumulate)
@@ -125,6 +126,7 @@ class FusedLinearHAPOLossFunction(torch.autograd.Function):
     @staticmethod
     @first_order_backward("fused_linear_hapo_loss")
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple:
+        """Hands over the gradients computed in the forward, scaled by ``grad_loss``."""
         if ctx.grads is None:
             raise RuntimeError("fused_linear_hapo_loss: backward ran twice; its gradients are "
                                "computed once in the forward and handed over by the first")
@@ -217,6 +219,7 @@ class FusedLinearSelectiveLogSoftmaxFunction(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor,
                 bias: Optional[torch.Tensor], targets: torch.Tensor, temperature: float,
                 ignore_index: int, chunks: head.Chunks) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(logp, entropy)`` per row; keeps four floats per row for the backward."""
         n = hidden.shape[0]
         stats = tuple(new_buffer(n, torch.float32, hidden.device) for _ in range(4))
         head.stats_pass(hidden, weight, bias, targets, temperature, ignore_index, chunks,
@@ -231,6 +234,7 @@ class FusedLinearSelectiveLogSoftmaxFunction(torch.autograd.Function):
     @first_order_backward("fused_linear_selective_log_softmax")
     def backward(ctx: Any, g_logp: Optional[torch.Tensor],
                  g_ent: Optional[torch.Tensor]) -> tuple:
+        """Makes each chunk's logits again and accumulates the input gradients."""
         hidden, weight, bias, targets, lse, spz = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         if not any(need) or (g_logp is None and g_ent is None):

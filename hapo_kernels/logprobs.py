@@ -33,6 +33,7 @@ class SelectiveLogSoftmaxFunction(torch.autograd.Function):
                 ignore_index: int, backend: Backend,
                 need_entropy: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         # Without the entropy output (need_entropy=False) its gradient is never asked for.
+        """``(logp, entropy)`` per row on the given backend; keeps ``lse`` and ``sum p*z``."""
         kw = {} if need_entropy else {"need_entropy": False}
         logp, ent, lse, spz = backend.row_stats(logits, target_ids, temperature, ignore_index,
                                                 **kw)
@@ -46,6 +47,7 @@ class SelectiveLogSoftmaxFunction(torch.autograd.Function):
     @first_order_backward("selective_log_softmax")
     def backward(ctx: Any, g_logp: Optional[torch.Tensor],
                  g_ent: Optional[torch.Tensor]) -> tuple:
+        """The logits' gradient from the upstream gradients of ``logp`` and ``entropy``."""
         logits, target_ids, lse, spz = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
             return None, None, None, None, None, None
@@ -140,4 +142,5 @@ class SelectiveLogSoftmax(nn.Module):
                                      self.return_entropy, **kwargs)
 
     def extra_repr(self) -> str:
+        """The options that differ from the defaults, for ``repr``."""
         return f"temperature={self.temperature}, return_entropy={self.return_entropy}"

@@ -77,6 +77,7 @@ class FusedHAPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
                 inplace_grad: bool, grad_wanted: bool = True) -> tuple:
+        """The loss and per-token results; the logits' gradient is written now and saved."""
         device = logits.device
         out = TokenResults.allocate(inputs.rows, inputs.ref_logp is not None, device)
         need_grad = ctx.needs_input_grad[0] and grad_wanted
@@ -96,6 +97,7 @@ class FusedHAPOLossFunction(torch.autograd.Function):
     @staticmethod
     @first_order_backward("fused_hapo_loss")
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple:
+        """The saved gradient scaled by ``grad_loss`` (in place for ``inplace_grad``)."""
         (grad,) = ctx.saved_tensors
         if grad_loss is not None and float(grad_loss) != 1.0:
             g = grad_loss.to(grad.dtype)
@@ -414,13 +416,22 @@ class FusedHAPOLoss(nn.Module):
                 ref_logp: Optional[torch.Tensor] = None,
                 teacher_mask: Optional[torch.Tensor] = None,
                 **call_options: Any) -> LossOutput:
-        """The loss of ``logits`` (see ``fused_hapo_loss``)."""
+        """The loss of ``logits`` with this module's options: ``fused_hapo_loss``.
+
+        ``logits`` ``[B, T, V]`` (or packed ``[N, V]``), ``target_ids`` ``[B, T]``,
+        ``advantages`` ``[B]`` or ``[B, T]`` (or ``rewards=`` with ``group_size=``),
+        ``mask`` (0/1, TRL's ``completion_mask``), ``old_logp`` / ``ref_logp`` ``[B, T]``
+        float, ``teacher_mask`` ``[B]`` or ``[B, T]``. ``call_options``: per-call keywords of
+        ``fused_hapo_loss`` (``normalizer``, ``max_len``, ``cu_seqlens``, ``inplace_grad``,
+        ...). Returns the ``LossOutput``: ``.loss`` to back-propagate, metrics detached.
+        """
         call_options.setdefault("inplace_grad", self.inplace_grad)
         return fused_hapo_loss(logits, target_ids, advantages, mask, old_logp, ref_logp,
                                teacher_mask, options=self.options,
                                advantage_options=self.advantage_options, **call_options)
 
     def extra_repr(self) -> str:
+        """The options that differ from the defaults, for ``repr``."""
         defaults = LossOptions()
         return ", ".join(f"{k}={v!r}" for k, v in self.options.as_dict().items()
                          if v != getattr(defaults, k))

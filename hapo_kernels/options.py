@@ -112,16 +112,19 @@ def positive_int(name: str, value: Any, *, allow_none: bool = False) -> Optional
 
 
 def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool, else a ``ValueError`` naming ``name``."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a bool, got {value!r}")
     return value
 
 
 def check_temperature(temperature: Any) -> float:
+    """``temperature`` as a float > 0, else a ``ValueError``."""
     return number("temperature", temperature, low=0.0, low_open=True)
 
 
 def check_ignore_index(ignore_index: Any) -> int:
+    """``ignore_index`` if it is an int, else a ``ValueError``."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     return ignore_index

@@ -64,6 +64,7 @@ class TokenResults:
 
     @classmethod
     def allocate(cls, rows: int, has_ref: bool, device: torch.device) -> TokenResults:
+        """Unfilled buffers for ``rows`` tokens (``kl`` only with a reference)."""
         def f32():
             return new_buffer(rows, torch.float32, device)
         return cls(loss=f32(), logp=f32(), entropy=f32(), ratio=f32(),

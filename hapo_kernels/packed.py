@@ -28,6 +28,7 @@ class Segments:
 
     @property
     def tokens(self) -> int:
+        """The number of packed tokens N."""
         return self.ids.numel()
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:

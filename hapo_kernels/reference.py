@@ -82,6 +82,7 @@ def aggregate(per_token_loss: torch.Tensor, valid: torch.Tensor,
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the ``valid`` entries, in float64 (0 when none is valid)."""
     m = valid.to(torch.float64)
     return (x.to(torch.float64) * m).sum() / m.sum().clamp(min=1.0)
 

@@ -133,4 +133,29 @@ def test_trl_integration_without_trl_names_the_install_line():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert 'pip install "hapo-kernels[trl]"' in done.stdout, done.stdout
+    assert 'pip install -e ".[trl]"' in done.stdout, done.stdout
+    assert 'pip install "hapo-kernels[trl] @ git+https://' in done.stdout, done.stdout
+
+
+def test_everything_public_has_a_docstring():
+    """Modules, public functions, classes and methods (Triton ``@jit`` kernels excepted:
+    their launchers document them)."""
+    def jitted(node):
+        return any("jit" in ast.unparse(d) for d in node.decorator_list)
+
+    missing = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text())
+        if not ast.get_docstring(tree):
+            missing.append(name)
+
+        def visit(nodes, prefix):
+            for node in nodes:
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and \
+                        not node.name.startswith("_") and not jitted(node):
+                    if not ast.get_docstring(node):
+                        missing.append(f"{prefix}{node.name}")
+                    if isinstance(node, ast.ClassDef):
+                        visit(node.body, f"{prefix}{node.name}.")
+        visit(tree.body, f"{name}.")
+    assert not missing, f"no docstring: {missing}"

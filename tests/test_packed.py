@@ -1,4 +1,4 @@
-"""Packed input with ``cu_seqlens`` equals the right-padded batch (issue 7).
+"""Packed input with ``cu_seqlens`` equals the right-padded batch.
 
 The same sequences are laid out twice: packed ``[N, V]`` with ``cu_seqlens`` and padded
 ``[S, max_len, V]`` with a mask. Loss, gradients, per-token outputs and metrics must agree

@@ -1,4 +1,4 @@
-"""No size limits (issue 7): 1-D grids over rows, int64 row offsets, Python-side layout math.
+"""No size limits: 1-D grids over rows, int64 row offsets, Python-side layout math.
 
 A tensor over 2^31 elements does not fit this machine's test budget, so the index arithmetic
 is tested directly: the kernels' shared ``triton.rows.row_offset`` under the interpreter

@@ -70,6 +70,7 @@ def simulate(gate: ThompsonGate, steps: int = 400, prompts: int = 64, limit: flo
 
 
 def empirical_gates(steps: int, seed: int = 0) -> Dict[str, ThompsonGate]:
+    """The four gates the simulated run compares (mean / Thompson, constant / annealed)."""
     anneal = cosine(GAMMA, GAMMA_MIN, total_steps=steps // 2)
     return {"mean, gamma=0.8": ThompsonGate(GAMMA, mode="mean"),
             "mean, annealed": ThompsonGate(GAMMA, mode="mean", schedule=anneal),
@@ -84,6 +85,7 @@ def empirical_gates(steps: int, seed: int = 0) -> Dict[str, ThompsonGate]:
 
 
 def empirical_table(steps: int = 400, prompts: int = 64, seed: int = 0) -> List[dict]:
+    """Injection rates of each gate per quarter of a simulated improving policy."""
     rows = []
     for name, gate in empirical_gates(steps, seed).items():
         rates = simulate(gate, steps, prompts, seed=seed)
@@ -103,6 +105,7 @@ def markdown(rows: List[dict], fmt: str = "{:.4f}") -> str:
 
 
 def plot(path: str) -> None:
+    """Write the P(inject) against success rate plot to ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -51,6 +51,7 @@ DEFAULT_SCENARIO = "exact-teacher"
 
 
 def make_policy(task: Any, settings: Settings, seed: int) -> TinyCausalLM:
+    """A fresh ``TinyCausalLM`` for the task, seeded."""
     torch.manual_seed(seed)
     return TinyCausalLM(task.vocab_size, max_len=task.prompt_len + task.completion_len,
                         d_model=settings.d_model, d_ff=2 * settings.d_model)
@@ -146,6 +147,7 @@ def run_one(method: str, seed: int, settings: Settings,
 
 # --------------------------------------------------------------------------- summary
 def moving_average(x: List[float], k: int = 5) -> List[float]:
+    """Trailing ``k``-step mean of ``x`` (shorter at the start)."""
     return [sum(x[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(x))]
 
 

@@ -21,6 +21,7 @@ class TinyCausalLM(nn.Module):
         self.max_len = max_len
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of ``input_ids`` ``[B, T]`` (T at most ``max_len``)."""
         T = input_ids.shape[1]
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds max_len={self.max_len}")

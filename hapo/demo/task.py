@@ -37,14 +37,17 @@ class ReverseTask:
 
     @property
     def first_digit(self) -> int:
+        """The token id of digit 0."""
         return FIRST_DIGIT
 
     @property
     def vocab_size(self) -> int:
+        """Digits plus the special tokens."""
         return self.first_digit + self.digits
 
     @property
     def prompt_len(self) -> int:
+        """BOS, the digits and SEP."""
         return self.length + 2
 
     @property
@@ -58,6 +61,7 @@ class ReverseTask:
         return 1.0
 
     def sample_prompts(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` random prompts ``[n, prompt_len]``."""
         d = torch.randint(0, self.digits, (n, self.length), generator=generator) \
             + self.first_digit
         bos = torch.full((n, 1), BOS)
@@ -65,6 +69,7 @@ class ReverseTask:
         return torch.cat([bos, d, sep], dim=1)
 
     def answer(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """The correct completion of each prompt (its digits reversed)."""
         return prompt_ids[:, 1:1 + self.length].flip(1)
 
     def answered(self, prompt_ids: torch.Tensor, completion_ids: torch.Tensor,
@@ -86,6 +91,7 @@ class ReverseTask:
         return self.answer(torch.tensor([key]))[0]
 
     def random_success_rate(self) -> float:
+        """The chance that a uniformly random completion is exactly right."""
         return float(self.vocab_size) ** -self.length
 
 
@@ -100,14 +106,17 @@ class StyledReverseTask(ReverseTask):
 
     @property
     def first_digit(self) -> int:
+        """The token id of digit 0 (after the closing tokens)."""
         return STYLE + 1
 
     @property
     def completion_len(self) -> int:
+        """The reversed digits and the closing token."""
         return self.length + 1
 
     @property
     def teacher_reward(self) -> float:
+        """The teacher closes with ``STYLE``: it earns ``style_reward``."""
         return self.style_reward
 
     def reward(self, prompt_ids: torch.Tensor, completion_ids: torch.Tensor,

@@ -130,6 +130,8 @@ class LigerGRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
                 inplace: bool, weights: Optional[torch.Tensor]) -> tuple:
+        """Per-token loss, KL and clip flags without a gradient; the loss summed with
+        ``weights`` when given."""
         view = logits[:, :-1]
         out = TokenResults.allocate(inputs.rows, inputs.ref_logp is not None, logits.device)
         per_token = dataclasses.replace(inputs, weights=inputs.valid.to(torch.float32))
@@ -149,6 +151,8 @@ class LigerGRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple:
+        """The logits' gradient of ``sum(upstream * l)``, written in a second pass (into the
+        logits with ``inplace``)."""
         (logits,) = ctx.saved_tensors
         inputs = ctx.inputs
         if ctx.weights is not None:
