@@ -33,9 +33,9 @@ def inputs(seed, dtype=torch.float32):
     return logits, ids, mask, adv, old, ref
 
 
-def run_triton_grpo_loss(fn, logits, *args, reduce, upstream=None, **kwargs):
+def run_triton_grpo_loss(fn, logits, *args, reduce, upstream=None, inplace=False, **kwargs):
     x = logits.clone().requires_grad_()
-    out = fn(x, *args, reduce=reduce, inplace=False, **kwargs)
+    out = fn(x, *args, reduce=reduce, inplace=inplace, **kwargs)
     if reduce:
         loss, metrics = out
         loss.backward()
@@ -88,9 +88,10 @@ def test_triton_grpo_loss_reduced_equals_liger(backend, loss_type, level, beta, 
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "sequence"),
                                               ("cispo", "token")])
-def test_triton_grpo_loss_per_token_equals_liger(backend, loss_type, level):
+def test_triton_grpo_loss_per_token_equals_liger(backend, loss_type, level, inplace):
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss as liger_fn
     logits, ids, mask, adv, old, ref = inputs(2)
     upstream = torch.randn(B, T, generator=torch.Generator().manual_seed(5))
@@ -98,8 +99,9 @@ def test_triton_grpo_loss_per_token_equals_liger(backend, loss_type, level):
                   eps_high=3.0 if loss_type == "cispo" else 0.4)
     theirs = run_triton_grpo_loss(liger_fn, logits, old, ref, ids, adv, mask, reduce=False,
                                   upstream=upstream, **kwargs)
-    ours = run_triton_grpo_loss(compat.triton_grpo_loss, logits, old, ref, ids, adv, mask,
-                                reduce=False, upstream=upstream, **kwargs)
+    ours = run_triton_grpo_loss(compat.triton_grpo_loss, logits, old, ref, ids, adv[:, None],
+                                mask, reduce=False, upstream=upstream, inplace=inplace,
+                                **kwargs)
     close(ours[0], theirs[0], "per-token loss")
     close(ours[1][0], theirs[1][0], "per-token kl")
     assert torch.equal(ours[1][1], theirs[1][1])

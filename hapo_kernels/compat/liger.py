@@ -207,6 +207,9 @@ def triton_grpo_loss(logits: torch.Tensor, old_logp: Optional[torch.Tensor],
         raise ValueError(f"inplace and reduce must be bools, got {inplace!r}, {reduce!r}")
     view = logits[:, :-1]
     check_logits_and_targets(view, completion_ids)
+    if isinstance(advantages, torch.Tensor) and advantages.dim() == 2 \
+            and advantages.shape[1] == 1:
+        advantages = advantages.reshape(-1)         # Liger reads (B, 1) as (B,)
     # Liger ignores ref_logp when beta == 0 (no KL term, no KL output).
     inputs = prepare_loss(view, completion_ids, advantages, opts, AdvantageOptions(),
                           source_name="logits", ignore_index=-100, mask=completion_mask,
