@@ -40,6 +40,7 @@ import torch
 from . import missing_extra
 
 try:
+    import trl  # noqa: F401  (first, so that a missing TRL is named before accelerate)
     from accelerate.utils import is_peft_model
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import GRPOConfig, GRPOTrainer
