@@ -182,9 +182,11 @@ def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
     Token-level ratios with full-width chunks make each chunk's logits once; sequence-level
     ratios (GSPO) or vocabulary blocks make them twice (a statistics pass, then the gradient pass).
     """
-    option_values, tensors = canonical_arguments(option_values, mask=mask, old_logp=old_logp,
-                                                 ref_logp=ref_logp)
+    option_values, tensors = canonical_arguments(
+        option_values, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
+        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
     mask, old_logp, ref_logp = tensors["mask"], tensors["old_logp"], tensors["ref_logp"]
+    rollout_is_weights, sampling_logp = tensors["rollout_is_weights"], tensors["sampling_logp"]
     opts, adv_opts = split_options(option_values, options, advantage_options)
     error = chunks = None
     try:

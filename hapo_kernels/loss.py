@@ -365,9 +365,11 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
     ``process_group`` (data-parallel): ``"dapo"`` and ``"token-mean"`` divide by the
     group's token count over its size; with ``rewards=``, groups may span its ranks.
     """
-    option_values, tensors = canonical_arguments(option_values, mask=mask, old_logp=old_logp,
-                                                 ref_logp=ref_logp)
+    option_values, tensors = canonical_arguments(
+        option_values, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
+        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
     mask, old_logp, ref_logp = tensors["mask"], tensors["old_logp"], tensors["ref_logp"]
+    rollout_is_weights, sampling_logp = tensors["rollout_is_weights"], tensors["sampling_logp"]
     opts, adv_opts = split_options(option_values, options, advantage_options)
     grad_wanted = torch.is_grad_enabled() and isinstance(logits, torch.Tensor) \
         and logits.requires_grad

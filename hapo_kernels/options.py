@@ -358,6 +358,7 @@ OPTION_ALIASES = {
     "loss_agg_mode": "aggregation",                        # verl
     "max_completion_length": "max_len",                    # TRL, Liger (dr_grpo's width)
     "entropy_coeff": "entropy_coef",                       # verl
+    "use_bias_correction_kl": "kl_bias_correction",        # TRL, Liger
 }
 ARGUMENT_ALIASES = {
     "completion_mask": "mask",                             # TRL, Liger's triton_grpo_loss
@@ -367,16 +368,18 @@ ARGUMENT_ALIASES = {
     "old_log_prob": "old_logp",                            # verl
     "ref_per_token_logps": "ref_logp",                     # TRL, Liger
     "ref_log_prob": "ref_logp",                            # verl
+    "importance_sampling_ratio": "rollout_is_weights",     # TRL (vLLM IS correction)
+    "vllm_is_ratio": "rollout_is_weights",                 # Liger
+    "sampling_per_token_logps": "sampling_logp",           # TRL
 }
 # TRL's and Liger's ``loss_type`` names an aggregation (AGGREGATION_ALIASES), and for these
 # an objective too, aggregated the way TRL aggregates it.
-LOSS_TYPE_OBJECTIVES = {"cispo": ("cispo", "dapo")}
+LOSS_TYPE_OBJECTIVES = {"cispo": ("cispo", "dapo"), "sapo": ("sapo", "grpo"),
+                        "vespo": ("vespo", "dapo")}
 NOT_THE_SAME = {
     "epsilon": "eps_low= and eps_high= (TRL's epsilon is eps_low, and eps_high too unless "
                "epsilon_high is set)",
     "clip_ratio": "eps_low= and eps_high= (verl's clip_ratio sets both)",
-    "delta": "dual_clip= (TRL's delta caps the unclipped ratio; it equals dual_clip=delta "
-             "when delta > 1 + eps_high)",
     "num_items_in_batch": "normalizer= (TRL's and Liger's dapo divide by "
                           "num_items_in_batch / world_size)",
     "kl_loss_coef": "beta= (the k3 KL; verl's kl_loss_type 'low_var_kl' also clamps it to "

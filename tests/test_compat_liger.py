@@ -15,7 +15,8 @@ from hapo_kernels.compat import liger as compat
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 B, T, V, H = 3, 6, 37, 16
-FAMILY = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo"]
+FAMILY = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"]
+TOKEN_ONLY = ("cispo", "sapo", "vespo")       # Liger rejects sequence level for these
 
 
 def inputs(seed, dtype=torch.float32):
@@ -59,7 +60,7 @@ def close(a, b, what):
 @pytest.mark.parametrize("beta, use_old", [(0.0, True), (0.04, True), (0.04, False)])
 def test_triton_grpo_loss_reduced_equals_liger(backend, loss_type, level, beta, use_old):
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss as liger_fn
-    if loss_type == "cispo" and level == "sequence":
+    if loss_type in TOKEN_ONLY and level == "sequence":
         with pytest.raises(ValueError, match="Sequence-level importance sampling"):
             compat.triton_grpo_loss(*inputs(0)[:1], None, None, *inputs(0)[1:2],
                                     inputs(0)[3], importance_sampling_level=level,
@@ -106,6 +107,34 @@ def test_triton_grpo_loss_per_token_equals_liger(backend, loss_type, level, inpl
     close(ours[1][0], theirs[1][0], "per-token kl")
     assert torch.equal(ours[1][1], theirs[1][1])
     assert ours[0].dtype == ours[1][1].dtype == torch.float32
+    close(ours[2], theirs[2], "gradient")
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "sequence"),
+                                              ("sapo", "token"), ("vespo", "token"),
+                                              ("cispo", "token")])
+@pytest.mark.parametrize("ratio_shape", [None, (B, T), (B, 1), (B,)])
+def test_triton_grpo_loss_vllm_ratio_and_bias_corrected_kl_equal_liger(
+        backend, loss_type, level, ratio_shape):
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss as liger_fn
+    logits, ids, mask, adv, old, ref = inputs(8)
+    g = torch.Generator().manual_seed(9)
+    ratio = None if ratio_shape is None else torch.rand(ratio_shape, generator=g) * 1.5 + 0.2
+    if ratio_shape == (B, T):   # 1 on padding, as TRL makes it (see the module docstring)
+        ratio = torch.where(mask.bool(), ratio, 1.0)
+    kwargs = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04,
+                  use_bias_correction_kl=True, vllm_is_ratio=ratio,
+                  eps_high=3.0 if loss_type == "cispo" else 0.28,
+                  sapo_temperature_pos=0.9, sapo_temperature_neg=1.2, vespo_k_pos=1.5,
+                  vespo_lambda_neg=2.5)
+    theirs = run_triton_grpo_loss(liger_fn, logits, old, ref, ids, adv, mask, reduce=True,
+                                  **kwargs)
+    ours = run_triton_grpo_loss(compat.triton_grpo_loss, logits, old, ref, ids, adv, mask,
+                                reduce=True, **kwargs)
+    close(ours[0], theirs[0], "loss")
+    for a, b in zip(ours[1], theirs[1]):
+        close(a, b, "metrics")
     close(ours[2], theirs[2], "gradient")
 
 
@@ -175,7 +204,7 @@ def test_fused_linear_grpo_loss_equals_liger(backend, loss_type, level, beta):
     kwargs = dict(beta=beta, loss_type=loss_type, importance_sampling_level=level,
                   epsilon_high=3.0 if loss_type == "cispo" else 0.28, temperature=0.9,
                   max_completion_length=9 if loss_type == "dr_grpo" else None)
-    unsupported = (loss_type == "cispo" and level == "sequence") or (
+    unsupported = (loss_type in TOKEN_ONLY and level == "sequence") or (
         loss_type == "luspo" and (level == "token" or beta != 0.0))
     if unsupported:
         with pytest.raises(ValueError):
@@ -189,6 +218,27 @@ def test_fused_linear_grpo_loss_equals_liger(backend, loss_type, level, beta):
                       mask, adv, **call)
     close(ours[0], theirs[0], "loss")
     assert len(ours[1]) == len(theirs[1])
+    for a, b in zip(ours[1], theirs[1]):
+        close(a, b, "metrics")
+    for a, b, name in zip(ours[2], theirs[2], ("hidden", "weight", "bias")):
+        close(a, b, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "sapo", "vespo"])
+def test_fused_linear_grpo_loss_options_equal_liger(backend, loss_type):
+    hidden, weight, bias, ids, mask, adv, old, ref = linear_inputs(6)
+    ratio = torch.rand(B, T, generator=torch.Generator().manual_seed(2)) + 0.5
+    # 1 on padding, as TRL makes it (VESPO: Liger sums log r over padded positions too).
+    ratio = torch.where(mask.bool(), ratio, 1.0)
+    kwargs = dict(beta=0.04, loss_type=loss_type, delta=1.5, use_bias_correction_kl=True,
+                  epsilon_high=0.28, sapo_temperature_neg=1.3, vespo_k_neg=2.0)
+    call = dict(ref_per_token_logps=ref, old_per_token_logps=old, vllm_is_ratio=ratio,
+                num_items_in_batch=31)
+    theirs = run_module(LigerModule(compiled=False, **kwargs), hidden, weight, bias, ids, mask,
+                        adv, **call)
+    ours = run_module(compat.LigerFusedLinearGRPOLoss(**kwargs), hidden, weight, bias, ids,
+                      mask, adv, **call)
+    close(ours[0], theirs[0], "loss")
     for a, b in zip(ours[1], theirs[1]):
         close(a, b, "metrics")
     for a, b, name in zip(ours[2], theirs[2], ("hidden", "weight", "bias")):
@@ -216,15 +266,12 @@ def test_fused_linear_grpo_loss_ref_input_and_no_reference(backend):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(loss_type="sapo"), "loss_type='sapo' is not supported"),
-    (dict(loss_type="vespo"), "loss_type='vespo' is not supported"),
     (dict(loss_type="ppo"), "not one of Liger's loss types"),
-    (dict(use_bias_correction_kl=True), "use_bias_correction_kl"),
-    (dict(delta=1.1, eps_high=0.2), "delta=1.1 is supported only above"),
-    (dict(vllm_is_ratio=torch.ones(B, T)), "vllm_is_ratio"),
+    (dict(loss_type="sapo", delta=1.5), "delta .* not supported for loss_type='sapo'"),
+    (dict(loss_type="vespo", importance_sampling_level="sequence"), "Sequence-level"),
     (dict(beta=0.04, ref_logp=None), "beta != 0 needs ref_logp"),
 ])
-def test_what_the_kernels_do_not_run_is_named(kwargs, match):
+def test_what_liger_rejects_is_rejected(kwargs, match):
     logits, ids, mask, adv, old, ref = inputs(6)
     kwargs = dict(kwargs)
     ref = kwargs.pop("ref_logp", ref)

@@ -46,6 +46,12 @@ def loss_and_grad(logits, *args, **kwargs):
     (dict(loss_type="cispo", epsilon_high=1.5),
      dict(objective="cispo", aggregation="dapo", eps_high=1.5)),
     (dict(entropy_coeff=0.01), dict(entropy_coef=0.01)),
+    (dict(loss_type="sapo", sapo_temperature_neg=1.3),
+     dict(objective="sapo", aggregation="grpo", sapo_temperature_neg=1.3)),
+    (dict(loss_type="vespo"), dict(objective="vespo", aggregation="dapo")),
+    (dict(loss_type="luspo", importance_sampling_level="sequence"),
+     dict(aggregation="luspo", importance_sampling="sequence")),
+    (dict(use_bias_correction_kl=True), dict(kl_bias_correction=True)),
 ])
 def test_their_option_names_give_our_loss(theirs, ours):
     logits, targets, adv, old, ref, mask = batch()
@@ -53,6 +59,20 @@ def test_their_option_names_give_our_loss(theirs, ours):
     want = loss_and_grad(logits, targets, adv, mask, old, **ours)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert LossOptions.from_kwargs(**canonical_options(theirs)) == LossOptions(**ours)
+
+
+def test_their_rollout_weight_names_give_our_loss():
+    logits, targets, adv, old, ref, mask = batch(3)
+    w = torch.rand(B, T) + 0.5
+    want = loss_and_grad(logits, targets, adv, mask, old, rollout_is_weights=w,
+                         sampling_logp=old - 0.1, off_policy_mask_threshold=0.05)
+    for names in (("importance_sampling_ratio", "sampling_per_token_logps"),
+                  ("vllm_is_ratio", "sampling_logp")):
+        got = loss_and_grad(logits, targets, adv, mask, old, off_policy_mask_threshold=0.05,
+                            **{names[0]: w, names[1]: old - 0.1})
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    plain = loss_and_grad(logits, targets, adv, mask, old)
+    assert not torch.equal(plain[0], want[0])
 
 
 @pytest.mark.parametrize("mask_name", ["completion_mask", "attention_mask", "response_mask"])
@@ -120,5 +140,6 @@ def test_liger_positional_order_gets_a_hint():
 def test_alias_tables_name_real_options():
     names = set(LossOptions.names())
     assert set(OPTION_ALIASES.values()) <= names
-    assert set(ARGUMENT_ALIASES.values()) == {"mask", "old_logp", "ref_logp"}
+    assert set(ARGUMENT_ALIASES.values()) == {"mask", "old_logp", "ref_logp",
+                                              "rollout_is_weights", "sampling_logp"}
     assert not set(OPTION_ALIASES) & names and not set(NOT_THE_SAME) & names

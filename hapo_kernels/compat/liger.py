@@ -14,12 +14,16 @@ gradient) and once more in the backward, where it writes the gradient: into the 
 storage with ``inplace=True`` (Liger's default, and Liger's behaviour: the logits hold
 their gradient after ``backward``), so the peak memory is the logits alone.
 
-An option Liger has and these kernels do not (yet) raises ``ValueError`` naming it, before
-any kernel runs: ``loss_type`` ``"sapo"`` / ``"vespo"``, ``vllm_is_ratio``,
-``use_bias_correction_kl=True`` with ``beta != 0``, a ``delta`` at or below
-``1 + eps_high`` (above it, ``delta`` is the dual clip), and in
-``LigerFusedLinearGRPOLoss`` ``"luspo"`` with token-level ratios or ``beta != 0`` (there
-Liger also counts the padded tokens' loss).
+Every Liger option runs: the loss types grpo, bnpo, dr_grpo, dapo, cispo, sapo, vespo and
+luspo, token- and sequence-level ratios, ``delta``, ``use_bias_correction_kl``,
+``vllm_is_ratio`` and ``num_items_in_batch``. Liger's own restrictions stay (a
+``ValueError``, as in Liger): sequence-level ratios with cispo, sapo or vespo, and in
+``triton_grpo_loss`` ``delta`` with those three. One exception:
+``LigerFusedLinearGRPOLoss`` with ``"luspo"`` runs with sequence-level ratios and
+``beta=0`` only; otherwise Liger's chunked loss also counts the padded tokens' loss, which
+these kernels never compute. And with ``"vespo"``, Liger sums ``log vllm_is_ratio`` into the
+sequence weight over every position, padding included, these kernels over the valid tokens:
+the same wherever padded positions hold 1, as TRL's ratios do.
 """
 from __future__ import annotations
 
@@ -38,53 +42,68 @@ from ..options import AdvantageOptions, LossOptions
 from ..outputs import TokenResults
 
 __all__ = ["triton_grpo_loss", "LigerFusedLinearGRPOLoss", "LigerGRPOLossFunction",
-           "liger_options", "liger_weights", "LIGER_VERSION", "LOSS_TYPES"]
+           "liger_options", "liger_weights", "liger_rollout_weights", "LIGER_VERSION",
+           "LOSS_TYPES"]
 
 LIGER_VERSION = "0.8.5"     # the version whose signatures and numbers this module follows
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "luspo")   # Liger's, supported here
-UNSUPPORTED_LOSS_TYPES = ("sapo", "vespo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")
+# Liger's loss types that are an objective of the table; the others are "clip" (PPO).
+OBJECTIVE_OF = {"cispo": "cispo", "sapo": "sapo", "vespo": "vespo"}
 
 
 def liger_options(*, temperature: float, beta: float, eps_low: float, eps_high: float,
                   loss_type: str, importance_sampling_level: str, delta: Optional[float],
-                  use_bias_correction_kl: bool, vllm_is_ratio: Optional[torch.Tensor],
-                  has_ref: bool) -> LossOptions:
-    """Liger's options as a ``LossOptions`` (the aggregation is ``liger_weights``'); a
-    ``ValueError`` names any Liger option these kernels do not run."""
-    if loss_type in UNSUPPORTED_LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not supported by hapo-kernels yet "
-                         f"(supported: {', '.join(LOSS_TYPES)})")
+                  use_bias_correction_kl: bool, has_ref: bool,
+                  sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+                  vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+                  vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0) -> LossOptions:
+    """Liger's options as a ``LossOptions`` (the aggregation is ``liger_weights``'), with
+    Liger's checks: a ``ValueError`` for what Liger rejects."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of Liger's loss types "
-                         f"{list(LOSS_TYPES + UNSUPPORTED_LOSS_TYPES)}")
+                         f"{list(LOSS_TYPES)}")
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got "
                          f"{importance_sampling_level!r}")
-    if importance_sampling_level == "sequence" and loss_type == "cispo":
-        raise ValueError("Sequence-level importance sampling is not supported for "
-                         "loss_type='cispo'. Use importance_sampling_level='token' instead.")
-    if vllm_is_ratio is not None:
-        raise ValueError("vllm_is_ratio (vLLM importance-sampling correction) is not "
-                         "supported by hapo-kernels yet")
-    if use_bias_correction_kl and beta != 0.0:
-        raise ValueError("use_bias_correction_kl=True with beta != 0 is not supported by "
-                         "hapo-kernels yet")
+    objective = OBJECTIVE_OF.get(loss_type, "clip")
+    if importance_sampling_level == "sequence" and objective != "clip":
+        raise ValueError(f"Sequence-level importance sampling is not supported for "
+                         f"loss_type='{loss_type}'. Use importance_sampling_level='token' "
+                         f"instead.")
     if beta != 0.0 and not has_ref:
         raise ValueError("beta != 0 needs ref_logp (the reference policy's log-probs)")
-    dual_clip = None
-    if delta is not None:
-        if loss_type == "cispo":
-            raise ValueError("delta (two-sided clipping) is not supported for "
-                             "loss_type='cispo'.")
-        # Liger caps the unclipped ratio at delta; above the clip range that is the dual
-        # clip of docs/design.md section 4 (the same loss and gradient).
-        if not delta > 1.0 + eps_high:
-            raise ValueError(f"delta={delta} is supported only above 1 + eps_high "
-                             f"({1.0 + eps_high}), where it equals the dual clip")
-        dual_clip = float(delta)
     return LossOptions(temperature=temperature, beta=beta, eps_low=eps_low, eps_high=eps_high,
-                       objective="cispo" if loss_type == "cispo" else "clip",
-                       importance_sampling=importance_sampling_level, dual_clip=dual_clip)
+                       objective=objective, importance_sampling=importance_sampling_level,
+                       delta=delta if objective == "clip" else None,
+                       kl_bias_correction=bool(use_bias_correction_kl) and beta != 0.0,
+                       sapo_temperature_pos=sapo_temperature_pos,
+                       sapo_temperature_neg=sapo_temperature_neg,
+                       vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+                       vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg)
+
+
+def liger_rollout_weights(vllm_is_ratio: Optional[torch.Tensor], loss_type: str,
+                          mask: Optional[torch.Tensor], shape: Tuple[int, int]
+                          ) -> Optional[torch.Tensor]:
+    """Liger's ``vllm_is_ratio`` (``(B, L)``, ``(B, 1)`` or ``(B,)``) as our
+    ``rollout_is_weights``.
+
+    For VESPO Liger adds a per-sequence ratio's log to the sequence weight once, where ours
+    sums per-token logs over the valid tokens: the ratio goes on each sequence's first
+    valid token (of ``mask``, all valid when None) and 1 on the others, the same sum.
+    """
+    ratio = vllm_is_ratio
+    if not isinstance(ratio, torch.Tensor):
+        return ratio
+    if ratio.dim() == 2 and ratio.shape[1] == 1:
+        ratio = ratio.reshape(-1)
+    if loss_type == "vespo" and ratio.dim() == 1 and ratio.shape[0] == shape[0]:
+        valid = (torch.ones(shape, dtype=torch.bool, device=ratio.device) if mask is None
+                 else mask != 0)
+        first = valid & (valid.long().cumsum(-1) == 1)
+        ratio = torch.where(first, ratio[:, None].to(torch.float32),
+                            torch.ones((), device=ratio.device))
+    return ratio
 
 
 def liger_weights(mask: torch.Tensor, loss_type: str, max_completion_length: Optional[int],
@@ -106,12 +125,12 @@ def liger_weights(mask: torch.Tensor, loss_type: str, max_completion_length: Opt
         if per_sequence_luspo:      # l is one value per sequence, on each of its n_b tokens
             return (m / B).to(torch.float32)
         return (m * m.sum(-1, keepdim=True) / (B * T)).to(torch.float32)
-    if loss_type in ("dapo", "cispo") and num_items_in_batch is not None:
+    if loss_type in ("dapo", "cispo", "vespo") and num_items_in_batch is not None:
         world = (torch.distributed.get_world_size() if torch.distributed.is_available()
                  and torch.distributed.is_initialized() else 1)
         normalizer = max(float(num_items_in_batch) / world, 1.0)
         return (m / normalizer).to(torch.float32)
-    aggregation = "dapo" if loss_type == "cispo" else loss_type
+    aggregation = {"cispo": "dapo", "vespo": "dapo", "sapo": "grpo"}.get(loss_type, loss_type)
     opts = LossOptions(aggregation=aggregation, max_len=max_completion_length)
     return aggregation_weights(valid, opts)
 
@@ -192,17 +211,25 @@ def triton_grpo_loss(logits: torch.Tensor, old_logp: Optional[torch.Tensor],
     per_token_kl or None, is_clipped)``, all ``(B, L)`` float32 and 0 where masked, the loss
     differentiable per token. ``reduce=True``: ``(loss, metrics)`` with ``metrics`` =
     ``[kl_mean]`` (when ``beta != 0``) ``+ [clip_ratio]``, masked means, and ``loss``
-    aggregated as ``loss_type`` (``liger_weights``). ``sapo_*`` and ``vespo_*`` belong to
-    loss types not supported here and are accepted for the signature.
+    aggregated as ``loss_type`` (``liger_weights``). ``vllm_is_ratio`` ``(B, L)``, ``(B, 1)``
+    or ``(B,)`` multiplies each token's policy loss before the KL is added (VESPO folds it
+    into its sequence weight).
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] < 2:
         raise ValueError("logits must be (B, L + 1, V) with L >= 1, got "
                          f"{getattr(logits, 'shape', type(logits).__name__)}")
+    if delta is not None and OBJECTIVE_OF.get(loss_type, "clip") != "clip":
+        raise ValueError(f"delta (two-sided clipping) is not supported for "
+                         f"loss_type='{loss_type}'.")
     opts = liger_options(temperature=temperature, beta=beta, eps_low=eps_low,
                          eps_high=eps_high, loss_type=loss_type,
                          importance_sampling_level=importance_sampling_level, delta=delta,
                          use_bias_correction_kl=use_bias_correction_kl,
-                         vllm_is_ratio=vllm_is_ratio, has_ref=ref_logp is not None)
+                         has_ref=ref_logp is not None,
+                         sapo_temperature_pos=sapo_temperature_pos,
+                         sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos,
+                         vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                         vespo_lambda_neg=vespo_lambda_neg)
     if not isinstance(inplace, bool) or not isinstance(reduce, bool):
         raise ValueError(f"inplace and reduce must be bools, got {inplace!r}, {reduce!r}")
     view = logits[:, :-1]
@@ -215,7 +242,10 @@ def triton_grpo_loss(logits: torch.Tensor, old_logp: Optional[torch.Tensor],
                           source_name="logits", ignore_index=-100, mask=completion_mask,
                           old_logp=old_logp, ref_logp=ref_logp if beta != 0.0 else None,
                           teacher_mask=None, rewards=None, group_size=None, inject=None,
-                          cu_seqlens=None, process_group=None)
+                          cu_seqlens=None, process_group=None,
+                          rollout_is_weights=liger_rollout_weights(
+                              vllm_is_ratio, loss_type, completion_mask,
+                              tuple(completion_ids.shape)))
     B, L = completion_ids.shape
     mask = inputs.valid.view(B, L)
     weights = (liger_weights(mask, loss_type, max_completion_length, num_items_in_batch)
@@ -263,8 +293,9 @@ class LigerFusedLinearGRPOLoss(nn.Module):
         liger_options(temperature=temperature, beta=beta, eps_low=epsilon_low,
                       eps_high=epsilon_high, loss_type=loss_type,
                       importance_sampling_level=importance_sampling_level, delta=delta,
-                      use_bias_correction_kl=use_bias_correction_kl, vllm_is_ratio=None,
-                      has_ref=True)
+                      use_bias_correction_kl=use_bias_correction_kl, has_ref=True,
+                      sapo_temperature_pos=sapo_temperature_pos,
+                      sapo_temperature_neg=sapo_temperature_neg)
         if loss_type == "luspo" and (importance_sampling_level != "sequence" or beta != 0.0):
             raise ValueError("loss_type='luspo' is supported with "
                              "importance_sampling_level='sequence' and beta=0 (otherwise "
@@ -311,18 +342,26 @@ class LigerFusedLinearGRPOLoss(nn.Module):
                         temperature=self.temperature)
         # Without a reference Liger compares the policy with itself: a KL of 0, no gradient.
         beta = self.beta if ref is not None else 0.0
+        # Liger's chunked loss applies delta to the PPO clip only (ignored for the others).
         opts = liger_options(temperature=self.temperature, beta=beta,
                              eps_low=self.epsilon_low, eps_high=self.epsilon_high,
                              loss_type=self.loss_type,
                              importance_sampling_level=self.importance_sampling_level,
                              delta=self.delta,
                              use_bias_correction_kl=self.use_bias_correction_kl,
-                             vllm_is_ratio=vllm_is_ratio, has_ref=ref is not None)
+                             has_ref=ref is not None,
+                             sapo_temperature_pos=self.sapo_temperature_pos,
+                             sapo_temperature_neg=self.sapo_temperature_neg,
+                             vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos,
+                             vespo_k_neg=self.vespo_k_neg, vespo_lambda_neg=self.vespo_lambda_neg)
         inputs = prepare_loss(_input, selected_token_ids, advantages, opts, AdvantageOptions(),
                               source_name="hidden", ignore_index=-100, mask=attention_mask,
                               old_logp=old_per_token_logps, ref_logp=ref, teacher_mask=None,
                               rewards=None, group_size=None, inject=None, cu_seqlens=None,
-                              process_group=None)
+                              process_group=None,
+                              rollout_is_weights=liger_rollout_weights(
+                                  vllm_is_ratio, self.loss_type, attention_mask,
+                                  tuple(selected_token_ids.shape)))
         B, T = selected_token_ids.shape
         mask = inputs.valid.view(B, T)
         weights = liger_weights(mask, self.loss_type, self.max_completion_length,
