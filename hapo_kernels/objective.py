@@ -190,15 +190,22 @@ def log_ratio(logp: Tensor, old_logp: Optional[Tensor], valid: Tensor) -> Tensor
 def importance_ratio(logp: Tensor, old_logp: Optional[Tensor], valid: Tensor,
                      opts: LossOptions, segments: Optional[Segments] = None) -> Tensor:
     """``rho``: per token, or per sequence (GSPO: the exp of the mean log-ratio of a
-    sequence, a row of ``[B, T]`` or a segment of packed tokens), gradient to ``logp``."""
+    sequence, a row of ``[B, T]`` or a segment of packed tokens), gradient to ``logp``;
+    the log-ratio clamped by ``opts.log_ratio_clamp`` when set."""
     r = log_ratio(logp, old_logp, valid)
+    c = opts.log_ratio_clamp
     if not opts.sequence_level:
-        return torch.exp(r)
+        # torch.clamp passes no gradient where it clamps, as verl's ratio does.
+        return torch.exp(r if c is None else torch.clamp(r, -c, c))
     m = valid.to(logp.dtype)
     if segments is not None:
-        return torch.exp(segments.mean(r, m))
-    seq = (m * r).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-    return torch.exp(seq).expand_as(logp)
+        seq = segments.mean(r, m)
+    else:
+        seq = (m * r).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    if c is not None:                  # verl's gspo clamps the sequence log-ratio above only
+        seq = torch.clamp(seq, max=c)
+    rho = torch.exp(seq)
+    return rho if segments is not None else rho.expand_as(logp)
 
 
 def token_objective(logp: Tensor, entropy: Optional[Tensor], advantages: Tensor,

@@ -55,7 +55,7 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ``triton/objective.py`` names each position; a new scalar option is appended here.
 KERNEL_PARAMS = ("eps_low", "eps_high", "dual_clip", "beta", "entropy_coef", "teacher_gamma",
                  "sft_weight", "delta", "sapo_temperature_pos", "sapo_temperature_neg",
-                 "kl_bias_correction")
+                 "kl_bias_correction", "log_ratio_clamp")
 
 
 # --------------------------------------------------------------------------- validators
@@ -187,6 +187,10 @@ class LossOptions(_Options):
             ``batch_num_tokens``.
         max_len: the width of ``seq-mean-token-sum-norm`` (default: T); verl's
             ``loss_scale_factor``.
+        log_ratio_clamp: ``c > 0`` clamps the log-ratio before the exp, with no gradient
+            where it clamps (verl's): a token-level log-ratio to ``[-c, c]`` (verl's vanilla,
+            cispo, sapo: 20), a sequence-level one from above at ``c`` (verl's gspo: 10).
+            None: no clamp (TRL).
         num_sequences: the sequence count of the ``seq-mean-*`` modes (default: the batch's
             rows that hold a valid token; every row under TRL's aliases); verl's
             ``global_batch_size``.
@@ -223,6 +227,7 @@ class LossOptions(_Options):
     aggregation: str = "token-mean"
     normalizer: Optional[float] = None
     max_len: Optional[int] = None
+    log_ratio_clamp: Optional[float] = None
     num_sequences: Optional[float] = None
     dp_size: int = 1
     delta: Optional[float] = None
@@ -256,6 +261,8 @@ class LossOptions(_Options):
             normalizer=number("normalizer", self.normalizer, low=0.0, low_open=True,
                               allow_none=True),
             max_len=positive_int("max_len", self.max_len, allow_none=True),
+            log_ratio_clamp=number("log_ratio_clamp", self.log_ratio_clamp, low=0.0,
+                                   low_open=True, allow_none=True),
             num_sequences=number("num_sequences", self.num_sequences, low=0.0, low_open=True,
                                  allow_none=True),
             dp_size=positive_int("dp_size", self.dp_size),

@@ -39,6 +39,7 @@ OPTION_VALUES = {
     "entropy_mean": [False, True],
     "sapo_temperature_pos": [1.0, 2.5],
     "vespo_k_neg": [3.0, 1.5],
+    "log_ratio_clamp": [None, 0.25],
 }
 # The options whose every combination test_full_option_product_cpu runs.
 PRODUCT_OPTIONS = ("objective", "importance_sampling", "teacher_objective", "beta",
@@ -224,7 +225,7 @@ def test_full_option_product_cpu():
             out, grad = run_ours(x, y, adv, kw, **opts)
             ref, ref_grad = run_reference(x, y, adv, kw, **opts)
             assert_close_to_reference(out, grad, ref, ref_grad)
-    assert len(combos) == len(hk.OBJECTIVES) * 2 * 3 * 2 * 2 * 2 * 2
+    assert len(combos) == len(hk.OBJECTIVES) * 2 * 3 * 2 * 2 * 2 * 2 * 2
 
 
 @pytest.mark.parametrize("per_token_adv", [False, True])
@@ -287,6 +288,34 @@ def test_fully_masked_rows_verl_names_and_trl_aliases(backend, aggregation, rows
     assert out.loss.item() == pytest.approx(every_row.loss.item() * 6 / rows_counted, rel=1e-6)
     ref = R.hapo_loss(x.double(), y, adv, mask=mask, aggregation=aggregation)
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["clip", "cispo"])
+def test_log_ratio_clamp_by_hand(backend, objective):
+    """verl's clamp: the ratio is exp(clamp(logp - old, -c, c)) and passes no gradient
+    through the ratio where it clamps (CISPO's gradient is through log p: unchanged)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 13, generator=g)
+    y = torch.randint(0, 13, (2, 3), generator=g)
+    logp, _ = R.log_probs(x.double(), y)
+    old = (logp + torch.tensor([[2.0, 0.1, -3.0], [0.3, 1.5, -0.2]], dtype=torch.float64)).float()
+    adv = torch.tensor([-1.0, 1.0])
+    opts = dict(objective=objective, eps_low=0.2, eps_high=5.0 if objective == "cispo" else 0.3,
+                log_ratio_clamp=1.0, aggregation="token-sum")
+    out, grad = run_ours(x, y, adv, dict(old_logp=old), **opts)
+    d = (logp - old.double()).clamp(-1.0, 1.0)
+    torch.testing.assert_close(out.per_token_ratio.double(), d.exp(), rtol=1e-5, atol=1e-6)
+    p = torch.softmax(x.double(), -1)
+    onehot = torch.nn.functional.one_hot(y, 13).double()
+    rho, A = d.exp(), adv[:, None].double()
+    if objective == "clip":       # unclipped (A rho smaller) and unclamped: -A rho; else 0
+        live = (logp - old.double()).abs() <= 1.0
+        unclipped = rho * A <= rho.clamp(0.8, 1.3) * A
+        g_logp = torch.where(live & unclipped, -A * rho, torch.zeros_like(rho))
+    else:
+        g_logp = -rho.clamp(max=5.0) * A
+    torch.testing.assert_close(grad.double(), g_logp[..., None] * (onehot - p),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_token_sum_and_dp_size(backend):

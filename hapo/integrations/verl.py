@@ -217,9 +217,9 @@ def patch_ppo_loss() -> list:
 # --------------------------------------------------------------------------- policy loss
 # verl's loss modes the fused loss reproduces, and the LossOptions fields each one sets.
 FUSED_LOSS_MODES = {
-    "vanilla": {},
-    "hapo": {},
-    "gspo": {"importance_sampling": "sequence"},
+    "vanilla": {"log_ratio_clamp": 20.0},
+    "hapo": {"log_ratio_clamp": 20.0},
+    "gspo": {"importance_sampling": "sequence", "log_ratio_clamp": 10.0},
 }
 
 
@@ -283,7 +283,8 @@ def compute_policy_loss_hapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     """
     low, high, c = _clip_options(config)
     cfg = _state["config"]
-    opts = cfg.loss.replace(eps_low=low, eps_high=high, dual_clip=c)
+    opts = cfg.loss.replace(eps_low=low, eps_high=high, dual_clip=c,
+                            **FUSED_LOSS_MODES["vanilla"])
     valid = response_mask.bool()
     teacher = None
     if teacher_mask is None:
@@ -307,8 +308,7 @@ def compute_policy_loss_hapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     metrics = {
         "actor/pg_clipfrac": verl_F.masked_mean((obj.clip_low | obj.clip_high).float(),
                                                 response_mask).item(),
-        "actor/ppo_kl": verl_F.masked_mean((old_log_prob - log_prob).detach(),
-                                           response_mask).item(),
+        "actor/ppo_kl": verl_F.masked_mean(-torch.log(obj.ratio), response_mask).item(),
         "actor/pg_clipfrac_lower": verl_F.masked_mean(dual.float(), response_mask).item(),
         "actor/hapo_teacher_fraction": 0.0 if teacher is None else
         verl_F.masked_mean(teacher.float(), response_mask).item(),

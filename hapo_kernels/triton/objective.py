@@ -39,13 +39,15 @@ SFT_WEIGHT = param("sft_weight")
 DELTA = param("delta")
 SAPO_POS = param("sapo_temperature_pos")
 SAPO_NEG = param("sapo_temperature_neg")
+LOG_RATIO_CLAMP = param("log_ratio_clamp")
 
 
 @triton.jit
-def on_policy_objective(logp, A, rho, params, OBJECTIVE: tl.constexpr,
+def on_policy_objective(logp, A, rho, live, params, OBJECTIVE: tl.constexpr,
                         HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr):
     """``(l, dl/dlogp, clipped low, clipped high)`` of an on-policy token with ratio ``rho``
-    (``d rho / d logp = rho`` for token-level ratios)."""
+    (``d rho / d logp = rho`` for token-level ratios where ``live``, 0 where the log-ratio
+    was clamped)."""
     eps_low = params[EPS_LOW]
     eps_high = params[EPS_HIGH]
     if OBJECTIVE == CISPO:                         # l = -sg(min(rho, eps_high)) A logp
@@ -58,7 +60,7 @@ def on_policy_objective(logp, A, rho, params, OBJECTIVE: tl.constexpr,
         tau = tl.where(A > 0, params[SAPO_POS], params[SAPO_NEG])
         sig = 1.0 / (1.0 + tl.exp(-tau * (rho - 1.0)))
         loss = -sig * (4.0 / tau) * A
-        g_logp = -4.0 * sig * (1.0 - sig) * rho * A
+        g_logp = tl.where(live, -4.0 * sig * (1.0 - sig) * rho * A, 0.0)
         low = rho < 0.0                            # no clip: never
         high = low
     elif OBJECTIVE == UNCLIPPED:                   # l = -rho A
@@ -83,6 +85,7 @@ def on_policy_objective(logp, A, rho, params, OBJECTIVE: tl.constexpr,
         g_logp = tl.where(unclipped_obj < clipped_obj, g_unclipped,
                           tl.where(clipped_obj < unclipped_obj, g_clipped,
                                    0.5 * (g_unclipped + g_clipped)))
+        g_logp = tl.where(live, g_logp, 0.0)      # a clamped log-ratio passes no gradient
         if HAS_DUAL:                               # A < 0: l = min(l, -c A)
             cap = -params[DUAL_CLIP] * A
             dual = (A < 0) & (loss > cap)
@@ -120,8 +123,13 @@ def token_objective(logp, ent, A, old, ref, is_teacher, valid, policy_weight, pa
 
     ``policy_weight`` (the rollout importance weight; 1.0 without one) multiplies the
     on-policy objective only, not the KL or the entropy bonus."""
-    rho = tl.exp(logp - old)
-    pg, g_pg, low, high = on_policy_objective(logp, A, rho, params, OBJECTIVE, HAS_DUAL,
+    log_ratio = logp - old
+    c = params[LOG_RATIO_CLAMP]                    # 0: no clamp
+    clamped = tl.minimum(tl.maximum(log_ratio, -c), c)
+    # A NaN log-ratio stays NaN (tl.minimum / tl.maximum would drop it).
+    live = (c == 0.0) | (clamped == log_ratio) | (log_ratio != log_ratio)
+    rho = tl.exp(tl.where(live, log_ratio, clamped))
+    pg, g_pg, low, high = on_policy_objective(logp, A, rho, live, params, OBJECTIVE, HAS_DUAL,
                                               HAS_DELTA)
     pg = pg * policy_weight
     g_pg = g_pg * policy_weight
@@ -134,8 +142,8 @@ def token_objective(logp, ent, A, old, ref, is_teacher, valid, policy_weight, pa
     kl = ed - d - 1.0
     g_kl = 1.0 - ed
     if KL_BIAS:                                    # TRL: rho k3; d(rho k3)/dlogp = -rho d
+        g_kl = tl.where(live, -rho * d, rho * g_kl)   # a clamped rho is constant
         kl = rho * kl
-        g_kl = -rho * d
     if USE_KL:
         loss += params[BETA] * kl
         g_logp += params[BETA] * g_kl

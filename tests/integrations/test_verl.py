@@ -55,6 +55,8 @@ def make_batch(bs=6, T=9, seed=0):
     old = -torch.rand(bs, T, generator=g) * 3
     logp = (old + torch.randn(bs, T, generator=g)).clamp(max=-1e-3)  # ratios up to ~e^3
     old[0, :4], logp[0, :4] = -2.5, -1.3        # ratio e^1.2 > clip_ratio_c on a row with A < 0
+    old[3, 2], old[5, 1] = -27.0, -0.001        # log-ratios beyond verl's clamp at +-20
+    logp[5, 1] = -24.0
     a = torch.randn(bs, generator=g)
     a[0] = -a[0].abs()
     adv = a[:, None].expand(bs, T) * mask
@@ -310,6 +312,8 @@ def test_fused_loss_equals_verls_policy_loss(loss_mode, mode, global_info):
     targets = torch.randint(0, V, (B, T), generator=g)
     old = (verl_logprobs(logits, targets) + 0.4 * torch.randn(B, T, generator=g,
                                                                dtype=torch.float64)).float()
+    old[0] -= 12.0            # a row with A < 0 whose mean log-ratio passes gspo's clamp at 10
+    old[3, 2] -= 25.0         # a token beyond the clamp at +-20
     config = actor_config(global_info, loss_mode, clip_ratio_low=0.2, clip_ratio_high=0.28,
                           clip_ratio_c=2.5)
     theirs_x = logits.clone().requires_grad_(True)
