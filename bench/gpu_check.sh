@@ -15,7 +15,8 @@
 # matplotlib + tqdm): no venv, no package index. Wheels carried in .whl/ (liger-kernel, for
 # the Liger baseline) are installed with --no-index --no-deps first.
 # Knobs: PYTHON; TESTS_TIMEOUT (65), BIG_TIMEOUT (40), SWEEP_TIMEOUT (150),
-# MEMORY_TIMEOUT (30); SWEEP_ARGS (extra arguments for python -m bench).
+# MEMORY_TIMEOUT (30), VERL_TIMEOUT (300, only with verl and vLLM installed); SWEEP_ARGS
+# (extra arguments for python -m bench).
 # Files in $OUT (at most 8): cuda-tests.log, big_tensor_check.json, sweep.log,
 # <card>-<date>.json and .png, memory_linear.json, extras.log.
 set -u
@@ -76,6 +77,15 @@ if [ -f bench/memory_linear.py ]; then
         --json "$OUT/memory_linear.json"
 fi
 tail -n 20 "$OUT/extras.log"
+
+# HAPO end to end in verl's Ray trainer (vLLM rollouts, FSDP actor, a tiny random model):
+# only where verl and vLLM are installed; otherwise said so, and nothing counted.
+if "$PY" -c "import verl, vllm, ray" 2>/dev/null; then
+    step "verl + HAPO: python -m bench.verl_run (2 steps)" "${VERL_TIMEOUT:-300}" \
+        "$OUT/extras.log" "$PY" -m bench.verl_run --out "$OUT/verl_run" --steps 2
+else
+    log "verl + HAPO Ray run: skipped (verl, vllm or ray not installed)"
+fi
 
 log "summary (exit $rc)"
 "$PY" -m bench.report "$OUT"

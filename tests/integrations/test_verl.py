@@ -349,3 +349,18 @@ def test_readme_verl_snippet_runs():
     exec(snippets[0], namespace)
     assert torch.isfinite(namespace["out"].loss)
     assert hv.current_config().loss.teacher_gamma == 0.1
+
+
+def test_estimator_persistent_gate_memory_keys_on_prompt_ids():
+    """gate_memory="persistent" works in the estimator: per-response prompt ids (verl's
+    uids by default, which are new each step; the trainer passes the dataset's index)."""
+    hv.configure(HAPOConfig(inject="gate", gate_memory="persistent", gate_threshold=0.3))
+    rewards, mask, uids, r = rewards_batch(P=3, G=4, collapse=(1,))
+    prompt = np.array([int(u.split("-")[1]) for u in uids], dtype=object)
+    for step in range(2):
+        fresh = np.array([f"{u}-step{step}" for u in uids], dtype=object)
+        hv.compute_hapo_outcome_advantage(rewards, mask, fresh, prompt_ids=prompt)
+    counts = hv.current_gate().counts
+    assert sorted(counts) == [0, 1, 2]
+    assert counts[1] == (0.0, 8.0)                  # two steps of 4 failures, one key
+    assert counts[0] == (2 * float(r[0].sum()), 2 * (4 - float(r[0].sum())))

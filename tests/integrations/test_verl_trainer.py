@@ -400,3 +400,35 @@ def test_verl_use_external_modules_alone_installs_everything():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+# --------------------------------------------------------------------------- the GPU run's setup
+def test_gpu_run_setup_composes_and_feeds_demonstrations(tmp_path):
+    """bench/verl_run.py's files and overrides, checked as far as CPU allows: verl's
+    config validation passes, verl's dataset and collate give batches whose rows carry the
+    demonstration, and the demonstration earns reward 1 from verl's gsm8k function."""
+    from transformers import AutoTokenizer
+    from verl.trainer.main_ppo import need_critic, need_reference_policy, validate_config
+    from verl.trainer.ppo.utils import create_rl_dataset
+    from verl.utils.dataset.rl_dataset import collate_fn
+
+    from bench import verl_run
+    out = str(tmp_path)
+    verl_run.prepare(out)
+    config = hydra_config(*verl_run.overrides(out, 2))
+    validate_config(config=config, use_reference_policy=need_reference_policy(config),
+                    use_critic=need_critic(config))
+    assert hv.hapo_config(config.algorithm.hapo).inject == "gate"
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "model"))
+    dataset = create_rl_dataset(config.data.train_files, config.data, tok, None, is_train=True)
+    batch = DataProto.from_single_dict(collate_fn([dataset[i] for i in range(4)]))
+    demos = hvt.demonstrations(batch, tok, hv.DEMO_FIELD)
+    for i, ids in enumerate(demos):
+        assert ids[-1] == tok.eos_token_id
+        text = tok.decode(ids, skip_special_tokens=True)
+        truth = batch.non_tensor_batch["reward_model"][i]["ground_truth"]
+        assert text == f"#### {truth}"
+        assert default_compute_score("openai/gsm8k", text, truth) == 1.0
+    result = verl_run.check("step:1 - hapo/inject_rate:1.0 - actor/hapo_teacher_fraction:0.3",
+                            out, 2)
+    assert result["inject_rate"] == [1.0] and not result["gate_saved"] and not result["ok"]
