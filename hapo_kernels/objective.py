@@ -134,6 +134,17 @@ def _unclipped_loss(rho, logp, A, opts):
     return -rho * A
 
 
+def _verl_cispo_loss(rho, logp, A, opts):
+    """verl's ``cispo``: the ratio clipped to ``[1 - eps_low, 1 + eps_high]`` (both sides,
+    unlike TRL's raw cap) and stopped from the gradient weights ``-A log p``."""
+    return -torch.clamp(rho, 1.0 - opts.eps_low, 1.0 + opts.eps_high).detach() * A * logp
+
+
+def _verl_cispo_flags(rho, A, opts):
+    """verl counts every token whose ratio the clip moved, whatever the sign of A."""
+    return rho < 1.0 - opts.eps_low, rho > 1.0 + opts.eps_high
+
+
 OBJECTIVES = {o.name: o for o in (
     Objective("clip", 0, ("eps_low", "eps_high", "dual_clip", "delta"), _clip_loss,
               _clip_flags),
@@ -143,6 +154,7 @@ OBJECTIVES = {o.name: o for o in (
     Objective("vespo", 3, ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
                            "vespo_lambda_neg"), _vespo_loss, _no_flags, _vespo_weight),
     Objective("unclipped", 4, (), _unclipped_loss, _no_flags),
+    Objective("verl_cispo", 5, ("eps_low", "eps_high"), _verl_cispo_loss, _verl_cispo_flags),
 )}
 
 
@@ -202,10 +214,14 @@ def importance_ratio(logp: Tensor, old_logp: Optional[Tensor], valid: Tensor,
         seq = segments.mean(r, m)
     else:
         seq = (m * r).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    if segments is None:
+        seq = seq.expand_as(logp)
+    if opts.importance_sampling == "sequence_token":
+        # GSPO-token (verl's gspo): the value is the sequence's, the gradient the token's.
+        seq = r - r.detach() + seq.detach()
     if c is not None:                  # verl's gspo clamps the sequence log-ratio above only
         seq = torch.clamp(seq, max=c)
-    rho = torch.exp(seq)
-    return rho if segments is not None else rho.expand_as(logp)
+    return torch.exp(seq)
 
 
 def token_objective(logp: Tensor, entropy: Optional[Tensor], advantages: Tensor,

@@ -38,7 +38,9 @@ AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-toke
 AGGREGATION_ALIASES = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm",
                        "bnpo": "token-mean", "dapo": "token-mean",
                        "luspo": "seq-mean-token-sum"}
-IMPORTANCE_SAMPLING = ("token", "sequence")
+# "sequence_token": the sequence's ratio as each token's value, the gradient through the
+# token's own log-prob only (GSPO-token; verl's gspo).
+IMPORTANCE_SAMPLING = ("token", "sequence", "sequence_token")
 SCALES = ("group", "batch", "none")
 STATS = ("all", "on-policy")
 # Which member of an injected group SSI replaces: the lowest reward (HAPO), a member drawn by
@@ -300,8 +302,8 @@ class LossOptions(_Options):
 
     @property
     def sequence_level(self) -> bool:
-        """Whether the importance ratio is per sequence (GSPO)."""
-        return self.importance_sampling == "sequence"
+        """Whether the importance ratio is per sequence (GSPO, GSPO-token)."""
+        return self.importance_sampling in ("sequence", "sequence_token")
 
     @property
     def statistics_first(self) -> bool:

@@ -24,7 +24,7 @@ AGGREGATIONS = [  # (aggregation, extra options): every mode and alias
 ]
 OPTION_VALUES = {
     "objective": list(hk.OBJECTIVES),          # every entry of the objective table
-    "importance_sampling": ["token", "sequence"],
+    "importance_sampling": ["token", "sequence", "sequence_token"],
     "teacher_objective": ["shaped", "sft", "ratio"],
     "beta": [0.0, 0.1],
     "dual_clip": [None, 3.0],
@@ -225,7 +225,7 @@ def test_full_option_product_cpu():
             out, grad = run_ours(x, y, adv, kw, **opts)
             ref, ref_grad = run_reference(x, y, adv, kw, **opts)
             assert_close_to_reference(out, grad, ref, ref_grad)
-    assert len(combos) == len(hk.OBJECTIVES) * 2 * 3 * 2 * 2 * 2 * 2 * 2
+    assert len(combos) == len(hk.OBJECTIVES) * 3 * 3 * 2 * 2 * 2 * 2
 
 
 @pytest.mark.parametrize("per_token_adv", [False, True])

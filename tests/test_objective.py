@@ -140,6 +140,25 @@ def test_unclipped_by_hand():
     assert clipped.loss[0, 0].item() == pytest.approx(-1.2)      # the clip would cap it
 
 
+def test_verl_cispo_by_hand():
+    """verl's cispo: l = -sg(clip(rho, 1 - eps_low, 1 + eps_high)) A logp; both bounds, and
+    the clip flags count a moved ratio whatever the sign of A."""
+    logp = torch.tensor([[math.log(0.5), math.log(0.5), math.log(0.2)]], dtype=torch.float64,
+                        requires_grad=True)
+    old = torch.tensor([[math.log(0.25), math.log(0.5), math.log(0.8)]], dtype=torch.float64)
+    A = torch.tensor([[-1.0, -2.0, 1.0]], dtype=torch.float64)      # rho = 2, 1, 0.25
+    out = token_objective(logp, torch.zeros_like(logp), A, torch.ones(1, 3, dtype=torch.bool),
+                          old_logp=old, opts=LossOptions(objective="verl_cispo", eps_low=0.2,
+                                                         eps_high=0.28))
+    want = [1.28 * math.log(0.5), 2.0 * math.log(0.5), -0.8 * math.log(0.2)]
+    torch.testing.assert_close(out.loss[0], torch.tensor(want, dtype=torch.float64))
+    out.loss.sum().backward()
+    torch.testing.assert_close(logp.grad[0], torch.tensor([1.28, 2.0, -0.8],
+                                                          dtype=torch.float64))
+    assert out.clip_high[0].tolist() == [True, False, False]
+    assert out.clip_low[0].tolist() == [False, False, True]
+
+
 def test_kl_and_entropy_terms_by_hand():
     d = 0.4                                              # ref - logp
     out = objective([-1.0], [1.0], ref_logp=[-1.0 + d], beta=0.1, entropy=[0.9],

@@ -219,7 +219,11 @@ def patch_ppo_loss() -> list:
 FUSED_LOSS_MODES = {
     "vanilla": {"log_ratio_clamp": 20.0},
     "hapo": {"log_ratio_clamp": 20.0},
-    "gspo": {"importance_sampling": "sequence", "log_ratio_clamp": 10.0},
+    "gspo": {"importance_sampling": "sequence_token", "log_ratio_clamp": 10.0},
+    "cispo": {"objective": "verl_cispo", "log_ratio_clamp": 20.0},
+    # verl's sapo aggregates seq-mean-token-mean whatever loss_agg_mode says.
+    "sapo": {"objective": "sapo", "log_ratio_clamp": 20.0,
+             "aggregation": "seq-mean-token-mean"},
 }
 
 
@@ -249,6 +253,8 @@ def loss_options(config: Any, loss_agg_mode: Optional[str] = None,
                   max_len=info.get("loss_scale_factor") or config.get("loss_scale_factor"),
                   dp_size=int(info.get("dp_size") or 1))
     values.update(FUSED_LOSS_MODES[loss_mode])
+    if loss_mode == "sapo":
+        values.update(sapo_temperature_pos=config.tau_pos, sapo_temperature_neg=config.tau_neg)
     values.update(overrides)
     return _state["config"].loss.replace(**{k: (float(v) if k in ("normalizer",
                                                                    "num_sequences")

@@ -16,6 +16,7 @@ from ..options import KERNEL_PARAMS
 # Objective codes (the OBJECTIVE / TEACHER_OBJ constexprs).
 CLIP = tl.constexpr(OBJECTIVES["clip"].code)
 CISPO = tl.constexpr(OBJECTIVES["cispo"].code)
+VERL_CISPO = tl.constexpr(OBJECTIVES["verl_cispo"].code)
 SAPO = tl.constexpr(OBJECTIVES["sapo"].code)
 # VESPO's per-sequence weight needs a statistics pass: it never reaches this kernel.
 UNCLIPPED = tl.constexpr(OBJECTIVES["unclipped"].code)
@@ -65,9 +66,15 @@ def on_policy_objective(logp, A, rho, live, params, OBJECTIVE: tl.constexpr,
         high = low
     elif OBJECTIVE == UNCLIPPED:                   # l = -rho A
         loss = -rho * A
-        g_logp = -rho * A
+        g_logp = tl.where(live, -rho * A, 0.0)    # 0 where the log-ratio was clamped
         low = rho < 0.0                            # no clip: never
         high = low
+    elif OBJECTIVE == VERL_CISPO:                  # l = -sg(clip(rho, 1-lo, 1+hi)) A logp
+        weight = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
+        loss = -weight * A * logp
+        g_logp = -weight * A
+        low = rho < 1.0 - eps_low
+        high = rho > 1.0 + eps_high
     else:                                          # CLIP: l = -min(min(rho, delta) A, clip(rho) A)
         clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
         capped = rho

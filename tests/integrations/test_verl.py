@@ -298,14 +298,16 @@ def verl_logprobs(logits, targets):
     return torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None]).squeeze(-1)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "rollout_is"])
 @pytest.mark.parametrize("global_info", [None, GLOBAL_INFO], ids=["local", "global"])
 @pytest.mark.parametrize("mode", AGG_MODES)
 @pytest.mark.parametrize("loss_mode", sorted(hv.FUSED_LOSS_MODES))
-def test_fused_loss_equals_verls_policy_loss(loss_mode, mode, global_info):
+def test_fused_loss_equals_verls_policy_loss(loss_mode, mode, global_info, weighted):
     """hk.fused_hapo_loss from the logits, under hv.loss_options, equals verl's registered
     policy loss on the log-probs of the same logits: loss and the logits' gradient, for every
     aggregation mode, with a fully masked row, locally and with verl's global normalisers."""
-    logp, old, adv, mask, _ = make_batch()
+    logp, old, adv, mask, weights = make_batch()
+    weights = weights if weighted else None
     B, T, V = logp.shape[0], logp.shape[1], 23
     g = torch.Generator().manual_seed(9)
     logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
@@ -315,16 +317,17 @@ def test_fused_loss_equals_verls_policy_loss(loss_mode, mode, global_info):
     old[0] -= 12.0            # a row with A < 0 whose mean log-ratio passes gspo's clamp at 10
     old[3, 2] -= 25.0         # a token beyond the clamp at +-20
     config = actor_config(global_info, loss_mode, clip_ratio_low=0.2, clip_ratio_high=0.28,
-                          clip_ratio_c=2.5)
+                          clip_ratio_c=2.5, tau_pos=1.3, tau_neg=0.8)
     theirs_x = logits.clone().requires_grad_(True)
     verl_fn = core_algos.get_policy_loss_fn(loss_mode)
     theirs, _ = verl_fn(old_log_prob=old.double(), log_prob=verl_logprobs(theirs_x, targets),
                         advantages=adv.double(), response_mask=mask.bool(), loss_agg_mode=mode,
-                        config=config)
+                        config=config,
+                        rollout_is_weights=None if weights is None else weights.double())
     theirs.backward()
     ours_x = logits.float().clone().requires_grad_(True)
     out = hk.fused_hapo_loss(ours_x, targets, adv, mask=mask, old_logp=old,
-                             options=hv.loss_options(config, mode))
+                             rollout_is_weights=weights, options=hv.loss_options(config, mode))
     out.loss.backward()
     assert out.loss.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(ours_x.grad.double(), theirs_x.grad, rtol=1e-4, atol=1e-6)
