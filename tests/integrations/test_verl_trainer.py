@@ -432,3 +432,38 @@ def test_gpu_run_setup_composes_and_feeds_demonstrations(tmp_path):
     result = verl_run.check("step:1 - hapo/inject_rate:1.0 - actor/hapo_teacher_fraction:0.3",
                             out, 2)
     assert result["inject_rate"] == [1.0] and not result["gate_saved"] and not result["ok"]
+
+
+def test_teacher_rows_follow_verls_micro_batches():
+    """verl's engine splits the batch into micro-batches (dynamic batch size reorders the
+    rows); the teacher mask travels with its rows, and the micro-batch losses add up to the
+    whole batch's under verl's global normalisers."""
+    from verl.workers.engine.utils import prepare_micro_batches
+    batch, tok = make_batch(seed=5)
+    policy = TinyPolicy()
+    trainer = make_trainer(hydra_config("+algorithm.hapo.inject=always"), tok, policy)
+    old, _ = trainer._compute_old_log_prob(batch)
+    batch = batch.union(DataProto.from_dict(tensors={"old_log_probs": old.batch["old_log_probs"]}))
+    batch.batch["token_level_rewards"] = batch.batch["rm_scores"].clone()
+    batch = compute_advantage(batch, adv_estimator="hapo", num_repeat=G,
+                              config=trainer.config.algorithm)
+    whole, _, _, _, _ = actor_loss(batch, policy, "hapo", verl_losses.ppo_loss)
+    td = left_right_2_no_padding(batch.to_tensordict())
+    n_tokens = int(batch.batch["response_mask"].sum())
+    tu.assign_non_tensor(td, dp_size=1, batch_num_tokens=n_tokens, global_batch_size=len(batch),
+                         use_dynamic_bsz=True, max_token_len_per_gpu=40)
+    micro_batches, order = prepare_micro_batches(td)
+    assert len(micro_batches) > 1 and order is not None
+    config = ActorConfig(strategy="fsdp", rollout_n=G, ppo_micro_batch_size_per_gpu=1,
+                         clip_ratio_low=0.2, clip_ratio_high=0.28,
+                         loss_agg_mode="seq-mean-token-mean",
+                         policy_loss=PolicyLossConfig(loss_mode="hapo"))
+    total, teachers = 0.0, 0
+    for micro in micro_batches:
+        seqs = [policy.token_logprobs(s) for s in micro["input_ids"].unbind()]
+        log_probs = torch.nested.as_nested_tensor(seqs, layout=torch.jagged)
+        loss, _ = verl_losses.ppo_loss(config, {"log_probs": log_probs}, micro)
+        total = total + loss
+        teachers += int(micro["teacher_mask"].sum())
+    assert teachers == int(batch.batch["teacher_mask"].sum()) == 2
+    torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)
