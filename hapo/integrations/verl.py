@@ -373,12 +373,14 @@ def compute_hapo_outcome_advantage(token_level_rewards: torch.Tensor,
     P = offsets.numel() - 1
     first = order[offsets[:-1]].tolist()              # each group's first response
     cfg = _state["config"]
+    # (AdvantageOptions has an option named ``replace``, so it is rebuilt with from_kwargs.)
+    adv_opts = hk.AdvantageOptions.from_kwargs(
+        cfg.advantages, scale="group" if norm_adv_by_std_in_grpo else "none", eps=epsilon)
     pending = _state.pop("pending", None)
     if pending is not None and inject is None:
         # The trainer substituted and scored the teacher rows already: plain statistics.
         adv_sorted, _ = hk.group_advantages(
-            rewards, group_offsets=offsets, options=cfg.advantages.replace(
-                scale="group" if norm_adv_by_std_in_grpo else "none", eps=epsilon))
+            rewards, group_offsets=offsets, options=adv_opts)
         adv = torch.empty_like(scores)
         adv[order] = adv_sorted.to(scores.dtype)
         _state["last"] = pending
@@ -396,8 +398,7 @@ def compute_hapo_outcome_advantage(token_level_rewards: torch.Tensor,
             rewards, group_offsets=offsets, prompt_ids=[keys[i] for i in first],
             has_demo=None if has_demo is None else _as_bool_tensor(has_demo, torch.device("cpu")))
     adv_sorted, replaced = hk.group_advantages(
-        rewards, group_offsets=offsets, inject=inject, options=cfg.advantages.replace(
-            scale="group" if norm_adv_by_std_in_grpo else "none", eps=epsilon))
+        rewards, group_offsets=offsets, inject=inject, options=adv_opts)
     adv = torch.empty_like(scores)
     adv[order] = adv_sorted.to(scores.dtype)
     hit = torch.nonzero(replaced >= 0).flatten()

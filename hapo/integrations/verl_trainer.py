@@ -149,6 +149,9 @@ class HAPORayPPOTrainer(RayPPOTrainer):
         if cfg.advantages.stats == "on-policy":
             raise ValueError("algorithm.hapo.stats='on-policy' is not supported by the verl "
                              "trainer: the teacher's scored reward enters the group statistics")
+        if cfg.advantages.replace != "worst":
+            raise ValueError("algorithm.hapo.replace must be 'worst' in the verl trainer (the "
+                             "demonstration takes the lowest-scored response's row)")
         corr = self.config.algorithm.get("rollout_correction", None)
         if corr is not None and corr.get("bypass_mode", False):
             raise ValueError("HAPO needs the old log-probs recomputed (teacher rows were not "

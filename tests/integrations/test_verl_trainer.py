@@ -346,6 +346,8 @@ def test_hydra_keys_reach_hapo_config_and_the_worker_environment():
         hv.hapo_config({"teacher_gama": 0.3})
     with pytest.raises(ValueError, match="on-policy"):
         make_trainer(hydra_config("+algorithm.hapo.stats=on-policy"), CharTokenizer())
+    with pytest.raises(ValueError, match="replace"):
+        make_trainer(hydra_config("+algorithm.hapo.replace=fixed"), CharTokenizer())
 
 
 def test_gate_state_in_verls_checkpoint_folder(tmp_path, monkeypatch):
