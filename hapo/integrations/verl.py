@@ -1,19 +1,22 @@
-"""verl integration: the ``"hapo"`` policy loss and advantage estimator, and a fast
-``logprobs_from_logits``.
+"""verl integration: the ``"hapo"`` policy loss and advantage estimator, a fast
+``logprobs_from_logits``, verl's policy losses as ``LossOptions`` for the fused kernel.
 
 Importing this module registers, through verl's own registries,
 
-* policy loss ``"hapo"`` (``actor_rollout_ref.actor.policy_loss.loss_mode=hapo``): the
-  clipped objective of docs/design.md section 4 with verl's ``clip_ratio_low/high`` and dual clip
-  ``clip_ratio_c``, teacher rows (``teacher_mask=``) trained with the shaped objective, and
-  verl's own ``agg_loss`` for every ``loss_agg_mode`` (global token / batch counts included);
-* advantage estimator ``"hapo"`` (``algorithm.adv_estimator=hapo``): GRPO advantages with SSI
-  substitution (``hk.group_advantages``): in each injected group the lowest reward is
-  replaced by the teacher reward before the group statistics are taken.
+* policy loss ``"hapo"`` (``actor_rollout_ref.actor.policy_loss.loss_mode=hapo``): verl's
+  ``compute_policy_loss_vanilla`` (clip ratios, dual clip ``clip_ratio_c``, the log-ratio
+  clamp at 20, rollout-correction weights, verl's ``agg_loss`` with its global normalisers)
+  with teacher rows trained by the shaped teacher objective;
+* advantage estimator ``"hapo"`` (``algorithm.adv_estimator=hapo``): verl's GRPO on groups
+  of any size (a single response: mean 0, std 1) with SSI substitution
+  (``hk.group_advantages`` with ``group_offsets``) where the gate opens;
 
-In verl worker processes, have verl import it: ``VERL_USE_EXTERNAL_MODULES=hapo.integrations.verl``.
-``patch_logprobs_from_logits()`` swaps verl's ``logprobs_from_logits`` for ours everywhere it
-was imported.
+and, unless ``$HAPO_VERL_PATCH=0``, puts our ``logprobs_from_logits`` and ``hapo_ppo_loss``
+(verl's actor loss that hands the batch's ``teacher_mask`` to the policy loss) in place of
+verl's. Have every verl process import it: ``VERL_USE_EXTERNAL_MODULES=hapo.integrations.verl``
+(``install``). HAPO end to end (gate, demonstrations in the batch): ``verl_trainer``.
+``loss_options`` maps verl's actor config to the ``LossOptions`` under which
+``hk.fused_hapo_loss`` computes verl's vanilla, gspo, cispo or sapo loss from the logits.
 """
 from __future__ import annotations
 
