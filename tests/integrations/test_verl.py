@@ -339,8 +339,8 @@ def test_readme_verl_snippet_runs():
     import pathlib
     import re
     readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
-    section = readme[readme.index("## Speed up verl"):]
-    section = section[:section.index("\n## ", 5)]
+    section = readme[readme.index("### verl in detail"):]
+    section = section[:section.index("\n#", 5)]
     snippets = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(snippets) == 1
     logp, old, adv, mask, _ = make_batch()
