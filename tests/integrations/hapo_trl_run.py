@@ -1,14 +1,15 @@
 """One HAPO training run of HAPOGRPOTrainer, on one process or under ``accelerate launch``.
 
-``test_trl.py`` runs it with the same global batch and seed on 1 and on 2 processes
-(``accelerate launch --cpu --num_processes 2``: gloo) and compares what it writes:
+``test_trl.py`` runs it with the same global batch and seed on 1 and on 2 processes and
+compares what it writes. Two processes are launched with ``torchrun`` (gloo on CPU; with
+``--cpu``, ``accelerate launch --num_processes 2`` starts a single process):
 
-    python hapo_trl_run.py MODEL_DIR OUT.pt --per-device 8 [--max-steps 3]
-    accelerate launch --cpu --num_processes 2 hapo_trl_run.py MODEL_DIR OUT.pt --per-device 4
+    python hapo_trl_run.py MODEL_DIR OUT.pt --per-device 12 [--max-steps 4]
+    torchrun --nproc_per_node 2 hapo_trl_run.py MODEL_DIR OUT.pt --per-device 6
 
 Generation is greedy, so both layouts produce the same rollouts; the gate is Thompson
 sampling with a cosine anneal (its random stream and schedule both matter). With
-``--per-device 2`` on 2 processes each group of 4 rollouts spans both processes. The main
+``--per-device 6`` on 2 processes the middle group of 4 rollouts spans both processes. The main
 process saves the logged history (losses, injection metrics), the final parameters and the
 gate's state; every process saves the injection metrics it logged itself.
 """
