@@ -249,17 +249,21 @@ def loss_inputs_for(logits: torch.Tensor, options: Any, old: Optional[bool] = No
                        rollout_is_weights=torch.ones(B, T) if rollout_is else None)
 
 
+CAPTURE_ROWS = 64
+
+
 def ours(variant: str, V: int, dtype: torch.dtype) -> List[Launch]:
-    """The launches of one call of ours on logits ``[2, 3, V]`` (the rows do not change
-    what is compiled)."""
+    """The launches of one call of ours on logits ``[2, CAPTURE_ROWS / 2, V]`` (the rows do
+    not change what is compiled), as on a GPU."""
     from hapo_kernels.options import LossOptions
     from hapo_kernels.outputs import TokenResults
-    from hapo_kernels.triton import logprobs, loss
+    from hapo_kernels.triton import logprobs, loss, rows
 
-    logits = torch.zeros(2, 3, V, dtype=dtype)
-    targets = torch.zeros(2, 3, dtype=torch.long)
-    with capture(loss.hapo_loss_kernel, logprobs.row_stats_kernel,
-                 logprobs.grad_logits_kernel) as launches:
+    logits = torch.zeros(2, CAPTURE_ROWS // 2, V, dtype=dtype)
+    targets = torch.zeros(2, CAPTURE_ROWS // 2, dtype=torch.long)
+    # As on a GPU of one SM: a persistent grid's size is then its programs per SM.
+    with rows.modelled_gpu(1), capture(loss.hapo_loss_kernel, logprobs.row_stats_kernel,
+                                          logprobs.grad_logits_kernel) as launches:
         if variant.startswith("fused loss"):
             opts = (LossOptions(beta=0.04, entropy_coef=0.01, dual_clip=3.0)
                     if variant.endswith("all terms") else LossOptions())
@@ -402,7 +406,6 @@ def l2_hit(rows_in_flight: int, row_bytes: int) -> float:
 def report(rows: int = ROWS, vocabs: Optional[Dict[str, int]] = None,
            dtypes: Optional[Dict[str, torch.dtype]] = None) -> Tuple[List[dict], List[str]]:
     """JSON rows (one per op and configuration, and one per pass) and budget violations."""
-    from hapo_kernels.triton import rows as rows_mod
     vocabs = vocabs or VOCABS
     dtypes = dtypes or DTYPES
     out: List[dict] = []
@@ -422,12 +425,11 @@ def report(rows: int = ROWS, vocabs: Optional[Dict[str, int]] = None,
                         launch = maker(variant, V, dtype)[0]
                         cache[key] = (compile_sm90(launch), launch)
                     c, launch = cache[key]
-                    # Our fused loss runs the grid rows.row_grid picks on a GPU.
+                    # Rows in flight: the CTAs that fit, or fewer on a persistent grid
+                    # (captured as on one SM: its size is the programs per SM).
                     grid_rows = SMS * occupancy(c)
-                    if maker is ours and variant.startswith("fused loss"):
-                        k = rows_mod.default_programs_per_sm(launch.kwargs["BLOCK_V"], elem)
-                        if k is not None:
-                            grid_rows = min(grid_rows, SMS * k)
+                    if maker is ours and launch.grid[0] < CAPTURE_ROWS:
+                        grid_rows = min(grid_rows, SMS * launch.grid[0])
                     loop = hot_loop(c, role)
                     # A kernel's per-row scalar code is charged to its first pass.
                     first = all(p.kernel != f"{op}: {c.name}" for p in per_pass)
@@ -467,6 +469,33 @@ def report(rows: int = ROWS, vocabs: Optional[Dict[str, int]] = None,
                     "gb_moved": round(moved / 1e9, 2), "worst_pass": worst.kernel,
                     "passes": [dataclasses.asdict(p) for p in per_pass]})
     return out, problems
+
+
+BF16_FLOPS = 989e12             # H200 dense bf16 tensor-core peak
+
+
+def lm_head_model(N: int = ROWS, V: int = 151936, H: int = 4096,
+                  fp32_accumulate: bool = True) -> dict:
+    """The fused LM head's forward + backward on a GPU (``head.fused_pass``), modelled:
+    the three matmuls per token chunk at the bf16 peak, the traffic of the matmuls'
+    operands (the weight read twice, the chunk's logits written, read and rewritten by the
+    loss kernel and read by the two gradient matmuls), and the traffic of the weight
+    gradient's accumulator (read and written by every chunk's matmul after the first)."""
+    from hapo_kernels import head
+    chunks = head.plan_chunks(N, V, torch.device("cuda"), torch.bfloat16)
+    n_chunks = math.ceil(N / chunks.rows)
+    acc_bytes = 4 if fp32_accumulate else 2
+    accumulator = (2 * n_chunks - 1) * V * H * acc_bytes
+    operands = n_chunks * 2 * (2 * V * H) + 5 * 2 * N * V + 3 * 2 * N * H
+    flops = 3 * 2 * N * V * H
+    return {"kernel": "fused LM head (weight-gradient accumulator)",
+            "config": f"bf16, N={N}, V={V}, H={H}, {'fp32' if fp32_accumulate else 'bf16'} "
+                      f"accumulator",
+            "rows_per_chunk": chunks.rows, "chunks": n_chunks,
+            "accumulator_gb": round(accumulator / 1e9, 1),
+            "matmul_operand_gb": round(operands / 1e9, 1),
+            "accumulator_ms": round(accumulator / BANDWIDTH * 1e3, 2),
+            "matmul_ms": round(flops / BF16_FLOPS * 1e3, 2)}
 
 
 def table(rows: List[dict], dtype: str = "bf16") -> str:
@@ -511,6 +540,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             if lg:
                 print(f"{r['config']}: fused loss {r['modelled_ms']:.2f} ms, Liger "
                       f"{lg['modelled_ms']:.2f} ms: {lg['modelled_ms'] / r['modelled_ms']:.2f}x")
+    print()
+    for fp32 in (True, False):
+        m = lm_head_model(args.rows, fp32_accumulate=fp32)
+        print(f"{m['kernel']}, {m['config']}: {m['chunks']} chunks of {m['rows_per_chunk']} "
+              f"rows; accumulator {m['accumulator_gb']} GB ({m['accumulator_ms']} ms at "
+              f"{BANDWIDTH / 1e12:.1f} TB/s) beside the matmuls' operands "
+              f"{m['matmul_operand_gb']} GB and {m['matmul_ms']} ms of matmuls at the bf16 peak")
+        rows.append(m)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -64,7 +64,8 @@ def aggregation_weights(valid: torch.Tensor, opts: LossOptions, segments: Any = 
     ``valid`` is ``[B, T]`` (sequences are rows, the padded width is T), or packed ``[N]``
     with ``segments`` (a ``packed.Segments``: sequences are its segments, the padded width
     its longest one), which gives the same weights as the padded batch. ``group``: see
-    ``token_normalizer``. Every weight is multiplied by ``opts.dp_size``.
+    ``token_normalizer``. Every weight is multiplied by ``opts.dp_size`` and
+    ``opts.loss_scale``.
     """
     if segments is None:
         m = valid.to(torch.float64)
@@ -89,4 +90,5 @@ def aggregation_weights(valid: torch.Tensor, opts: LossOptions, segments: Any = 
             w = m / (n_seq * (opts.max_len if opts.max_len is not None else width))
         else:  # LossOptions has already rejected anything else
             raise ValueError(f"aggregation={agg!r} is not known")
-    return (w * opts.dp_size).to(torch.float32)
+    # A known scale (gradient accumulation) rides on the weights: no pass of its own.
+    return (w * (opts.dp_size * opts.loss_scale)).to(torch.float32)

@@ -32,8 +32,12 @@ from .outputs import TokenResults, new_buffer
 
 # Default size of one float32 [rows, vocab] slice (a chunk of logits and its temporaries).
 # GPU: big enough for cuBLAS to run at full speed, small next to the 5 GB it replaces at
-# 16k x 152k. CPU: a 256 x 512 x 32768 matmul already runs at full MKL speed.
-CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
+# 16k x 152k, and few enough chunks that the weight gradient's accumulator (read and
+# written by every chunk) moves fewer bytes than the matmuls' operands (at 16k x 152k x
+# 4096 bf16: 10 chunks, 47 GB against 50 GB; 256 MiB chunks took 19 and 92 GB;
+# bench/kernel_report.py models it). CPU: a 256 x 512 x 32768 matmul already runs at full
+# MKL speed.
+CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 32 << 20}
 # Fewest rows worth a matmul; below that the vocabulary is split instead.
 MIN_ROWS = {"cuda": 128, "cpu": 16}
 
@@ -55,7 +59,7 @@ def plan_chunks(N: int, V: int, device: torch.device, dtype: torch.dtype = torch
                 vocab_chunk_size: Optional[int] = None) -> Chunks:
     """Token rows per chunk and vocabulary columns per block.
 
-    Default: ``rows = CHUNK_BYTES // (e V)`` (256 MiB on CUDA, 32 MiB on CPU) so that one
+    Default: ``rows = CHUNK_BYTES // (e V)`` (512 MiB on CUDA, 32 MiB on CPU) so that one
     ``[rows, V]`` slice fits the budget, with ``e`` the bytes per element of what a chunk
     costs: the logits' own dtype on CUDA (the Triton kernels keep no ``[rows, V]``
     temporaries), 4 on CPU (the torch path works in float32). If that is fewer than

@@ -345,8 +345,8 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
     ``eps_high``, ``dual_clip``, ``delta``, ``beta``, ``kl_bias_correction``,
     ``entropy_coef``, ``entropy_mean``, ``importance_sampling``, ``teacher_objective``,
     ``teacher_gamma``, ``sft_weight``, ``aggregation``, ``normalizer``, ``max_len``, the
-    SAPO and VESPO parameters, ``top_entropy_quantile``, ``off_policy_mask_threshold``) and
-    of ``AdvantageOptions`` as a keyword, or the objects as ``options=`` /
+    SAPO and VESPO parameters, ``top_entropy_quantile``, ``off_policy_mask_threshold``,
+    ``loss_scale``) and of ``AdvantageOptions`` as a keyword, or the objects as ``options=`` /
     ``advantage_options=`` (keywords then override their fields).
     ``inplace_grad=True`` writes the gradient into the logits' storage (the logits are
     consumed; autograd refuses other saved uses of them); refused (``ValueError``) on a

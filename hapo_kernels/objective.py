@@ -311,7 +311,7 @@ def token_terms(logp: Tensor, entropy: Tensor, *, valid: Tensor, advantages: Ten
                               policy_mask=policy_mask, opts=opts, segments=segments)
         wl = weights * obj.loss
         if opts.entropy_mean and opts.entropy_coef != 0:
-            wl = wl - opts.entropy_coef * entropy_weights * torch.where(
+            wl = wl - opts.loss_scale * opts.entropy_coef * entropy_weights * torch.where(
                 valid, en, torch.zeros_like(en))
         g_logp = g_ent = None
         if need_grad:

@@ -214,6 +214,10 @@ class LossOptions(_Options):
         entropy_mean: the entropy bonus is ``-entropy_coef`` times the masked token mean of
             the entropy over the batch (TRL's definition; over the entropy-quantile mask's
             tokens where it is on) instead of a per-token term aggregated like the loss.
+        loss_scale: the whole loss and its gradient are multiplied by it (> 0), folded into
+            the per-token weights before the launch: dividing by the gradient-accumulation
+            steps this way costs no pass over the gradient (``loss / k`` in the caller's
+            graph does: the backward then scales the saved gradient).
     """
     temperature: float = 1.0
     objective: str = "clip"
@@ -243,6 +247,7 @@ class LossOptions(_Options):
     top_entropy_quantile: float = 1.0
     off_policy_mask_threshold: Optional[float] = None
     entropy_mean: bool = False
+    loss_scale: float = 1.0
 
     def __post_init__(self) -> None:
         checked = dict(
@@ -283,6 +288,7 @@ class LossOptions(_Options):
             off_policy_mask_threshold=number("off_policy_mask_threshold",
                                              self.off_policy_mask_threshold, allow_none=True),
             entropy_mean=check_bool("entropy_mean", self.entropy_mean),
+            loss_scale=number("loss_scale", self.loss_scale, low=0.0, low_open=True),
         )
         agg = resolve_aggregation(self.aggregation)
         if checked["dp_size"] > 1:

@@ -152,6 +152,7 @@ def hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor, advantages: torch.
     loss = aggregate(obj.loss, v, opts)
     if opts.entropy_mean and opts.entropy_coef != 0:      # TRL: a batch mean of the entropy
         loss = loss - opts.entropy_coef * masked_mean(ent, entropy_tokens)
+    loss = loss * opts.loss_scale
     zero = torch.zeros((), dtype=torch.float64, device=logp.device)
     return LossOutput(
         loss=loss,

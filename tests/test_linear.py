@@ -278,7 +278,7 @@ def test_chunk_plan():
     assert big.rows * big.vocab * 4 <= head.CHUNK_BYTES["cpu"]
     assert head.plan_chunks(10, 37, cpu, chunk_size=100).rows == 10
     g = head.plan_chunks(16384, 151936, torch.device("cuda"), torch.bfloat16)
-    assert g.rows == (256 << 20) // (2 * 151936) == 883 and not g.split(151936)
+    assert g.rows == (512 << 20) // (2 * 151936) == 1766 and not g.split(151936)
 
 
 # --------------------------------------------------------------------------- bad input

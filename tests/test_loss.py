@@ -376,6 +376,39 @@ def test_grad_output_scaling_and_no_grad(backend):
     assert plain.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("importance_sampling,entropy_mean", [("token", False),
+                                                              ("sequence", False),
+                                                              ("token", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_scale_folds_into_the_forward(backend, importance_sampling, entropy_mean, dtype):
+    """``loss_scale`` (a gradient-accumulation divisor) gives the scaled loss and gradient of
+    the float64 reference, written by the forward: the backward's ``grad_output`` is 1 and
+    nothing rescales the gradient. A further scale in the caller's graph stays exact."""
+    x, y, adv, kw = make_inputs((3, 5, 37), dtype=dtype, seed=7)
+    opts = dict(importance_sampling=importance_sampling, entropy_coef=0.01, beta=0.1,
+                aggregation="grpo", entropy_mean=entropy_mean)
+    ref, ref_grad = run_reference(x, y, adv, kw, **opts)
+    ref_scaled, ref_grad_scaled = run_reference(x, y, adv, kw, **opts, loss_scale=0.25)
+    assert ref_scaled.loss.item() == pytest.approx(0.25 * ref.loss.item(), rel=1e-12)
+    torch.testing.assert_close(ref_grad_scaled, 0.25 * ref_grad, rtol=1e-12, atol=0)
+
+    out, grad = run_ours(x, y, adv, kw, **opts, loss_scale=0.25)
+    upstream = reference_upstream(x, y, adv, kw, **opts, loss_scale=0.25)
+    assert_close_to_reference(out, grad, ref_scaled, ref_grad_scaled, dtype, upstream)
+
+    xg = x.clone().requires_grad_()            # scaled forward and a scaled backward
+    (3.0 * hk.fused_hapo_loss(xg, y, adv, **kw, **opts, loss_scale=0.25).loss).backward()
+    assert_close_to_reference(out, xg.grad, ref_scaled, 3.0 * ref_grad_scaled, dtype,
+                              3.0 * upstream)
+    # The forward wrote the scaled gradient (into the logits, with inplace_grad): the
+    # backward at grad_output 1 leaves it as it is.
+    h = x.clone().requires_grad_() * 1.0
+    hk.fused_hapo_loss(h, y, adv, **kw, **opts, loss_scale=0.25, inplace_grad=True)
+    assert torch.equal(h.detach(), grad)
+    with pytest.raises(ValueError, match="loss_scale"):
+        hk.fused_hapo_loss(x, y, adv, **kw, loss_scale=0.0)
+
+
 @pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
 def test_inplace_grad(backend, importance_sampling):
     x, y, adv, kw = make_inputs((3, 5, 37), seed=4)

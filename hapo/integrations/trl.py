@@ -82,7 +82,7 @@ _OWNED_BY_GRPO_CONFIG = {
     "loss.entropy_mean": "entropy_coef", "loss.kl_bias_correction": "use_bias_correction_kl",
     "loss.importance_sampling": "importance_sampling_level", "loss.aggregation": "loss_type",
     "loss.objective": "loss_type", "loss.normalizer": "loss_type",
-    "loss.max_len": "max_completion_length",
+    "loss.max_len": "max_completion_length", "loss.loss_scale": "gradient_accumulation_steps",
     "loss.sapo_temperature_pos": "sapo_temperature_pos",
     "loss.sapo_temperature_neg": "sapo_temperature_neg", "loss.vespo_k_pos": "vespo_k_pos",
     "loss.vespo_lambda_pos": "vespo_lambda_pos", "loss.vespo_k_neg": "vespo_k_neg",
@@ -426,7 +426,10 @@ class HAPOGRPOTrainer(GRPOTrainer):
                       normalizer=normalizer, max_len=max_len, entropy_coef=kernel_coef,
                       rollout_is_weights=is_ratio,
                       sampling_logp=inputs.get("sampling_per_token_logps"),
-                      process_group=group)
+                      process_group=group,
+                      # TRL's division by the accumulation steps, on the forward's weights:
+                      # no pass over the saved gradient in the backward.
+                      loss_scale=1.0 / divide_by)
         K = completion_ids.size(1)
         aux_loss = None
         if self.fused_linear:
@@ -443,8 +446,8 @@ class HAPOGRPOTrainer(GRPOTrainer):
             del model_out
             out = hk.fused_hapo_loss(logits, completion_ids, inputs["advantages"],
                                      inplace_grad=self._inplace_grad, **common)
-        loss = out.loss / divide_by
-        self._log_loss_metrics(out, mask, mode, inputs, kernel_coef)
+        loss = out.loss
+        self._log_loss_metrics(out, mask, mode, inputs, kernel_coef, divide_by)
         if aux_loss is not None:        # TRL: scaled for gradient accumulation like the loss
             loss = loss + self.router_aux_loss_coef * aux_loss / accum
             self._metrics[mode]["aux_loss"].append(
@@ -452,7 +455,7 @@ class HAPOGRPOTrainer(GRPOTrainer):
         return loss
 
     @torch.no_grad()
-    def _log_loss_metrics(self, out, mask, mode, inputs, kernel_coef):
+    def _log_loss_metrics(self, out, mask, mode, inputs, kernel_coef, divide_by):
         """TRL's loss metrics (names and reductions), from the kernel's per-token outputs;
         TRL's adaptive-entropy controller update."""
         m = mask.float()
@@ -492,7 +495,7 @@ class HAPOGRPOTrainer(GRPOTrainer):
                                                            1 - self.top_entropy_quantile)
             entropy_mean = (entropies * effective).sum() / effective.sum().clamp(min=1.0)
             # TRL logs the loss before its accumulation scaling and before the bonus.
-            policy_loss = out.loss.detach() + kernel_coef * entropy_mean
+            policy_loss = out.loss.detach() * divide_by + kernel_coef * entropy_mean
             metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
             if self.use_adaptive_entropy and mode == "train":
                 self._update_adaptive_entropy(torch.stack([(entropies * effective).sum(),

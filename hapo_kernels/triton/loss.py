@@ -32,7 +32,9 @@ from .objective import token_objective
 from .rows import (
     block_v,
     default_programs_per_sm,
+    grid_programs_per_sm,
     num_warps,
+    register_cap,
     row_frame_heuristics,
     row_grid,
     row_offset,
@@ -134,8 +136,9 @@ def token_loss(logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
     D = row_layout(grad) if grad is not None else L
     vec = vector_width(logits)
     block = block_v(L.V, vec)
-    hapo_loss_kernel[row_grid(rows, logits.device,
-                              default_programs_per_sm(block, logits.element_size()))](
+    warps = num_warps(block, vec)
+    per_sm = default_programs_per_sm(block, logits.element_size())
+    hapo_loss_kernel[row_grid(rows, logits.device, per_sm)](
         logits, grad, inputs.targets, inputs.valid.to(torch.int8), inputs.advantages,
         inputs.old_logp, inputs.ref_logp, inputs.teacher.to(torch.int8), inputs.weights,
         out.loss, out.logp, out.entropy, out.ratio, out.clip_low, out.clip_high, out.kl,
@@ -143,4 +146,5 @@ def token_loss(logits: torch.Tensor, inputs: LossInputs, opts: LossOptions,
         1.0 / opts.temperature, opts.kernel_params(), inputs.rollout_is,
         OBJECTIVE=OBJECTIVES[opts.objective].code,
         TEACHER_OBJ=TEACHER_OBJECTIVES[opts.teacher_objective].code,
-        BLOCK_V=block, num_warps=num_warps(block, vec))
+        BLOCK_V=block, num_warps=warps,
+        maxnreg=register_cap(grid_programs_per_sm(logits.device, per_sm), warps))

@@ -58,17 +58,36 @@ def persistent_rows(k: Optional[int]) -> contextlib.AbstractContextManager:
     return scoped(_programs_per_sm, k)
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 under the interpreter (CPU tensors),
-    so that tests exercise a grid of k programs looping over many rows."""
+_modelled_sms: contextvars.ContextVar = contextvars.ContextVar("hapo_modelled_sms",
+                                                               default=None)
+
+
+def modelled_gpu(sms: int) -> contextlib.AbstractContextManager:
+    """Inside the block the launchers pick grids and register caps as for a GPU with
+    ``sms`` SMs, whatever the tensors' device: bench/kernel_report.py captures launches on
+    CPU tensors and compiles what a GPU would run."""
+    return scoped(_modelled_sms, sms)
+
+
+def gpu_sms(device: torch.device) -> Optional[int]:
+    """Streaming multiprocessors the launch runs on; None under the interpreter."""
+    if _modelled_sms.get() is not None:
+        return _modelled_sms.get()
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    return None
+
+
+def sm_count(device: torch.device) -> int:
+    """``gpu_sms``, or 1 under the interpreter (CPU tensors), so that tests exercise a grid
+    of k programs looping over many rows."""
+    return gpu_sms(device) or 1
 
 
 # Bytes a streaming kernel keeps in flight per SM to cover memory latency (Little's law:
 # 132 SMs x 32 KB per ~1 us is about the H200's sustained bandwidth).
 BYTES_IN_FLIGHT_PER_SM = 32 * 1024
+REGISTERS_PER_SM = 65536
 
 
 def default_programs_per_sm(block: int, element_size: int) -> int:
@@ -79,16 +98,32 @@ def default_programs_per_sm(block: int, element_size: int) -> int:
     return max(1, BYTES_IN_FLIGHT_PER_SM // (block * element_size))
 
 
-def row_grid(rows: int, device: torch.device, default_per_sm: Optional[int] = None) -> tuple:
-    """The 1-D launch grid for a kernel that loops ``for row in range(pid, rows, grid)``:
-    ``programs_per_sm()`` programs per SM when set, else ``default_per_sm`` on a CUDA
-    device, else one program per row."""
+def grid_programs_per_sm(device: torch.device, default_per_sm: Optional[int]) -> Optional[int]:
+    """Programs per SM of a persistent grid: ``programs_per_sm()`` when set, else
+    ``default_per_sm`` on a GPU; None: one program per row."""
     k = programs_per_sm()
-    if k is None and device.type == "cuda":
+    if k is None and gpu_sms(device) is not None:
         k = default_per_sm
+    return k
+
+
+def row_grid(rows: int, device: torch.device, default_per_sm: Optional[int] = None) -> tuple:
+    """The 1-D launch grid for a kernel that loops ``for row in range(pid, rows, grid)``
+    (``grid_programs_per_sm`` programs per SM, or one per row)."""
+    k = grid_programs_per_sm(device, default_per_sm)
     if k is None:
         return (rows,)
     return (max(1, min(rows, k * sm_count(device))),)
+
+
+def register_cap(programs_per_sm: Optional[int], warps: int) -> Optional[int]:
+    """``maxnreg`` for a persistent grid: the registers that let ``programs_per_sm``
+    programs of ``warps`` warps share an SM (ptxas otherwise spends registers freely on the
+    masked first and last blocks, and fewer programs fit than the grid has). The
+    interpreter ignores it."""
+    if programs_per_sm is None:
+        return None
+    return max(32, min(255, REGISTERS_PER_SM // (programs_per_sm * warps * 32)) // 8 * 8)
 
 
 VECTOR_BYTES = 16          # one 128-bit load or store per thread and vector
