@@ -195,12 +195,25 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+def spawn(fn, args, nprocs, deadline=900):
+    """``mp.spawn`` with a deadline: every collective is bounded by the process group's
+    timeout, and this bounds the rest, so that no run of the suite can hang."""
+    import time
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    stop = time.monotonic() + deadline
+    while not context.join(timeout=5):
+        if time.monotonic() > stop:
+            for proc in context.processes:
+                proc.kill()
+            pytest.fail(f"the {nprocs} workers did not finish within {deadline} s")
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
 def ranks(request, tmp_path_factory):
     """Every rank's results, for world sizes 2 and 3 (one spawn each)."""
     world = request.param
     tmp = tmp_path_factory.mktemp(f"dist{world}")
-    mp.spawn(_worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world, join=True)
+    spawn(_worker, (world, str(tmp / "init"), str(tmp)), world)
     return world, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -235,7 +248,7 @@ def test_vocab_parallel_on_the_triton_kernels(tmp_path):
     inherit TRITON_INTERPRET=1 and run them on CPU tensors through the interpreter."""
     from hapo_kernels.backends import backend_name
     assert backend_name(torch.zeros(1)) == "triton", "run with TRITON_INTERPRET=1"
-    mp.spawn(_vocab_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    spawn(_vocab_worker, (2, str(tmp_path / "init"), str(tmp_path)), 2)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     check_vocab_logprobs(res)
     for name in LOSS_CONFIGS:
