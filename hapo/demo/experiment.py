@@ -47,6 +47,7 @@ METHODS: Dict[str, Optional[dict]] = {
 }
 
 QUICK = SCENARIOS["exact-teacher"].quick
+BEAT_TOLERANCE = 1e-6
 DEFAULT_SCENARIO = "exact-teacher"
 
 
@@ -172,8 +173,8 @@ def summarize(runs: List[dict], teacher_reward: float = 1.0) -> dict:
     """Per method: final success mean/std/min/max over seeds, steps to 50% success (per
     seed; None = never), injection rate in the first and last 20% of steps, mean
     collapsed-group fraction; the final reward per seed, its mean, std and 95% bootstrap
-    interval, the fraction of seeds whose final reward beats ``teacher_reward`` (with a
-    Wilson interval), and the injection and reward curves (mean over seeds, per step)."""
+    interval, the fraction of seeds whose final reward beats ``teacher_reward`` (by more
+    than ``BEAT_TOLERANCE``; with a Wilson interval), and the injection and reward curves (mean over seeds, per step)."""
     out = {}
     for method in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == method]
@@ -181,7 +182,8 @@ def summarize(runs: List[dict], teacher_reward: float = 1.0) -> dict:
         mean, std = mean_std(finals)
         s50 = [steps_to(r["curves"]["success_rate"]) for r in rs]
         rewards = [r["final_reward"] for r in rs]
-        beats = sum(v > teacher_reward for v in rewards)
+        # Rewards are float32: 0.6 reads 0.6000000238, so "above" means by more than 1e-6.
+        beats = sum(v > teacher_reward + BEAT_TOLERANCE for v in rewards)
         entry = {"seeds": [r["seed"] for r in rs], "final_success_mean": mean,
                  "final_success_std": std, "final_success_min": min(finals),
                  "final_success_max": max(finals), "final_success_per_seed": finals,
