@@ -174,7 +174,8 @@ def summarize(runs: List[dict], teacher_reward: float = 1.0) -> dict:
     seed; None = never), injection rate in the first and last 20% of steps, mean
     collapsed-group fraction; the final reward per seed, its mean, std and 95% bootstrap
     interval, the fraction of seeds whose final reward beats ``teacher_reward`` (by more
-    than ``BEAT_TOLERANCE``; with a Wilson interval), and the injection and reward curves (mean over seeds, per step)."""
+    than ``BEAT_TOLERANCE``; with a Wilson interval), and the injection and reward curves
+    (mean over seeds, per step)."""
     out = {}
     for method in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == method]
