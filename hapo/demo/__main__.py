@@ -4,7 +4,8 @@
 ``suboptimal-teacher`` (a verified teacher that earns 0.6 where the policy can earn 1.0).
 Writes ``summary.json``, ``runs.jsonl`` (one line per finished run, written as it goes),
 ``reward.png``, ``success.png``, ``injection.png`` and ``final_reward.png`` into ``--out``
-and prints the tables. ``--quick`` takes under a minute per scenario on two CPU cores.
+and prints the tables. ``--quick`` took 76 s (exact-teacher) and 166 s (suboptimal-teacher)
+on two CPU cores shared with other jobs (docs/demo.md).
 ``--merge DIR ...`` trains nothing: it summarizes the ``runs.jsonl`` of earlier runs (a long
 run split over processes by ``--first-seed``/``--seeds``) into ``--out``.
 """
