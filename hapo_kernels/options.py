@@ -162,6 +162,8 @@ class _Options:
         return dataclasses.replace(base, **kwargs) if kwargs else base
 
     def replace(self: OptionsT, **changes: Any) -> OptionsT:
+        """A copy with ``changes`` (checked). ``AdvantageOptions`` has an option named
+        ``replace`` that hides this method: use ``AdvantageOptions.from_kwargs(opts, ...)``."""
         return self.from_kwargs(self, **changes)
 
     def as_dict(self) -> dict:

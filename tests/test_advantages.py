@@ -199,6 +199,17 @@ def test_non_finite_reward_names_its_group(backend, bad, scale):
         hk.fused_hapo_loss(x, y, rewards=rewards, group_size=4)
 
 
+def test_options_object_with_keyword_overrides(backend):
+    """options= and keywords together: the keywords win (AdvantageOptions' "replace" option
+    hides the generic .replace() method, so this goes through from_kwargs)."""
+    rewards = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    opts = hk.AdvantageOptions(scale="group", replace="fixed")
+    adv, replaced = hk.group_advantages(rewards, 4, inject=torch.tensor([True]), options=opts,
+                                        scale="none")
+    assert replaced.tolist() == [0]
+    torch.testing.assert_close(adv, torch.tensor([1.0, 1.0, 0.0, 1.0]) - 0.75)
+
+
 def test_integer_rewards_and_empty_batch(backend):
     adv, replaced = hk.group_advantages(torch.tensor([0, 1, 1, 1]), 2)
     ref, _ = R.group_advantages(torch.tensor([0, 1, 1, 1]), 2)
