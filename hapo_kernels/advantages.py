@@ -55,8 +55,7 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None,
     per sequence, so it only checks that ``rewards`` has ``len(cu_seqlens) - 1`` entries.
     """
     if options is not None and option_values:
-        # AdvantageOptions has an option named "replace", which hides _Options.replace().
-        options = AdvantageOptions.from_kwargs(options, **option_values)
+        options = options.updated(**option_values)
     elif options is None:
         _, options = split_options(option_values)
     error = None

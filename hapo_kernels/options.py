@@ -161,9 +161,9 @@ class _Options:
         base = options if options is not None else cls()
         return dataclasses.replace(base, **kwargs) if kwargs else base
 
-    def replace(self: OptionsT, **changes: Any) -> OptionsT:
-        """A copy with ``changes`` (checked). ``AdvantageOptions`` has an option named
-        ``replace`` that hides this method: use ``AdvantageOptions.from_kwargs(opts, ...)``."""
+    def updated(self: OptionsT, **changes: Any) -> OptionsT:
+        """A copy with ``changes`` (checked). Not named ``replace``: that is an option of
+        ``AdvantageOptions`` (design section 6), and a field would hide the method."""
         return self.from_kwargs(self, **changes)
 
     def as_dict(self) -> dict:

@@ -200,14 +200,16 @@ def test_non_finite_reward_names_its_group(backend, bad, scale):
 
 
 def test_options_object_with_keyword_overrides(backend):
-    """options= and keywords together: the keywords win (AdvantageOptions' "replace" option
-    hides the generic .replace() method, so this goes through from_kwargs)."""
+    """options= and keywords together: the keywords win, and ``updated`` changes a field
+    while ``replace`` stays the SSI option (design section 6)."""
     rewards = torch.tensor([0.0, 1.0, 0.0, 1.0])
     opts = hk.AdvantageOptions(scale="group", replace="fixed")
     adv, replaced = hk.group_advantages(rewards, 4, inject=torch.tensor([True]), options=opts,
                                         scale="none")
     assert replaced.tolist() == [0]
     torch.testing.assert_close(adv, torch.tensor([1.0, 1.0, 0.0, 1.0]) - 0.75)
+    assert opts.updated(scale="none") == hk.AdvantageOptions(scale="none", replace="fixed")
+    assert opts.replace == "fixed"
 
 
 def test_integer_rewards_and_empty_batch(backend):

@@ -49,7 +49,7 @@ except ImportError as exc:          # the extra is not installed: say how to get
     raise missing_extra("hapo.integrations.trl", "trl", exc) from exc
 
 import hapo_kernels as hk
-from hapo_kernels import AdvantageOptions, LossOptions
+from hapo_kernels import LossOptions
 from hapo_kernels.distributed import broadcast_decisions
 from hapo_kernels.objective import OBJECTIVES
 from hapo_kernels.options import IGNORE_INDEX
@@ -239,7 +239,7 @@ class HAPOGRPOTrainer(GRPOTrainer):
             self._hapo_replace_generator = torch.Generator().manual_seed(args.seed)
         # The loss options, built and checked once here: a bad value fails at construction.
         objective, aggregation = _LOSS_TYPES[self.loss_type]
-        self._loss_options = (hapo.loss if hapo else LossOptions()).replace(
+        self._loss_options = (hapo.loss if hapo else LossOptions()).updated(
             temperature=self.temperature, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
             objective=objective, aggregation=aggregation,
             delta=args.delta if objective == "clip" else None,    # TRL ignores it elsewhere
@@ -620,8 +620,7 @@ class HAPOGRPOTrainer(GRPOTrainer):
             inject = has_demo
         else:
             inject = torch.zeros_like(has_demo)
-        # (AdvantageOptions has a field named "replace": from_kwargs, not .replace())
-        options = AdvantageOptions.from_kwargs(self.hapo.advantages, scale=self.scale_rewards)
+        options = self.hapo.advantages.updated(scale=self.scale_rewards)
         index = None
         if options.replace == "random":       # one draw per group, the same on every process
             index = torch.randint(0, G, (P,), generator=self._hapo_replace_generator)

@@ -259,7 +259,7 @@ def loss_options(config: Any, loss_agg_mode: Optional[str] = None,
     if loss_mode == "sapo":
         values.update(sapo_temperature_pos=config.tau_pos, sapo_temperature_neg=config.tau_neg)
     values.update(overrides)
-    return _state["config"].loss.replace(**{k: (float(v) if k in ("normalizer",
+    return _state["config"].loss.updated(**{k: (float(v) if k in ("normalizer",
                                                                    "num_sequences")
                                                 and v is not None else v)
                                            for k, v in values.items()})
@@ -292,7 +292,7 @@ def compute_policy_loss_hapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     """
     low, high, c = _clip_options(config)
     cfg = _state["config"]
-    opts = cfg.loss.replace(eps_low=low, eps_high=high, dual_clip=c,
+    opts = cfg.loss.updated(eps_low=low, eps_high=high, dual_clip=c,
                             **FUSED_LOSS_MODES["vanilla"])
     valid = response_mask.bool()
     teacher = None
