@@ -109,6 +109,17 @@ def check_finite_rewards(rewards: torch.Tensor, *, group_size: Optional[int] = N
                      f"{group} (rollouts {lo} .. {hi - 1})")
 
 
+def _check_inject(inject: Any, P: int, rewards: torch.Tensor) -> None:
+    """``inject``: None, or one flag per group on the rewards' device."""
+    if inject is None:
+        return
+    if not isinstance(inject, torch.Tensor) or tuple(inject.shape) != (P,):
+        raise ValueError(f"inject must be a bool tensor of shape ({P},), got "
+                         f"{getattr(inject, 'shape', type(inject).__name__)}")
+    if inject.device != rewards.device:
+        raise ValueError(f"inject is on {inject.device} but rewards on {rewards.device}")
+
+
 def check_groups(rewards: Any, group_size: Any, inject: Any = None) -> int:
     """Validate group inputs (docs/design.md section 6); return the number of groups P.
 
@@ -125,12 +136,7 @@ def check_groups(rewards: Any, group_size: Any, inject: Any = None) -> int:
                          f"{rewards.numel()} rewards")
     P = rewards.numel() // group_size
     check_finite_rewards(rewards, group_size=group_size)
-    if inject is not None:
-        if not isinstance(inject, torch.Tensor) or tuple(inject.shape) != (P,):
-            raise ValueError(f"inject must be a bool tensor of shape ({P},), got "
-                             f"{getattr(inject, 'shape', type(inject).__name__)}")
-        if inject.device != rewards.device:
-            raise ValueError(f"inject is on {inject.device} but rewards on {rewards.device}")
+    _check_inject(inject, P, rewards)
     return P
 
 
@@ -174,12 +180,7 @@ def group_offsets_of(rewards: Any, group_size: Any = None, group_offsets: Any = 
                          "least one reward)")
     P = offsets.numel() - 1
     check_finite_rewards(rewards, offsets=offsets)
-    if inject is not None:
-        if not isinstance(inject, torch.Tensor) or tuple(inject.shape) != (P,):
-            raise ValueError(f"inject must be a bool tensor of shape ({P},), got "
-                             f"{getattr(inject, 'shape', type(inject).__name__)}")
-        if inject.device != rewards.device:
-            raise ValueError(f"inject is on {inject.device} but rewards on {rewards.device}")
+    _check_inject(inject, P, rewards)
     return offsets
 
 
