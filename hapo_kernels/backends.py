@@ -65,6 +65,11 @@ class Backend(Protocol):
         """Group advantages with SSI substitution: ``(advantages, replaced)``."""
         ...
 
+    def scale_gradient_(self, grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+        """``grad *= grad_output`` in place, without a host read of ``grad_output`` where
+        that would synchronise (CUDA)."""
+        ...
+
 
 # name -> the module that implements ``Backend`` (imported on first use: triton is optional)
 REGISTRY = {"triton": "hapo_kernels.triton", "cpu": "hapo_kernels.cpu"}

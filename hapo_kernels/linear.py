@@ -131,8 +131,10 @@ class FusedLinearHAPOLossFunction(torch.autograd.Function):
             raise RuntimeError("fused_linear_hapo_loss: backward ran twice; its gradients are "
                                "computed once in the forward and handed over by the first")
         grads, ctx.grads = list(ctx.grads), None
-        if grad_loss is not None and float(grad_loss) != 1.0:
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        if grad_loss is not None:       # in place, no host read of grad_loss on CUDA
+            for g in grads:
+                if g is not None:
+                    backend_for(g).scale_gradient_(g, grad_loss)
         return (*grads, None, None, None, None, None)
 
 

@@ -97,13 +97,14 @@ class FusedHAPOLossFunction(torch.autograd.Function):
     @staticmethod
     @first_order_backward("fused_hapo_loss")
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple:
-        """The saved gradient scaled by ``grad_loss`` (in place for ``inplace_grad``)."""
+        """The saved gradient scaled by ``grad_loss`` in place, with no host read of
+        ``grad_loss`` on CUDA (nothing to do when it is exactly 1)."""
         (grad,) = ctx.saved_tensors
-        if grad_loss is not None and float(grad_loss) != 1.0:
-            g = grad_loss.to(grad.dtype)
-            # In place where the gradient already lives in the logits' storage; the saved
-            # tensor's version then changes, so a second backward raises instead of rescaling.
-            grad = grad.mul_(g) if ctx.inplace else grad * g
+        if grad_loss is not None:
+            backend_for(grad).scale_gradient_(grad, grad_loss)
+            # The saved gradient may have changed in place: a second backward through this
+            # loss raises (autograd's version check) instead of rescaling it again.
+            torch.autograd.graph.increment_version(grad)
         return grad, None, None, None, None
 
 

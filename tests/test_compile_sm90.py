@@ -19,7 +19,7 @@ from bench.kernel_report import capture, compile_sm90, hot_loop, loss_inputs_for
 from hapo_kernels.objective import OBJECTIVES, TEACHER_OBJECTIVES
 from hapo_kernels.options import AdvantageOptions, LossOptions
 from hapo_kernels.outputs import TokenResults
-from hapo_kernels.triton import advantages, logprobs, loss
+from hapo_kernels.triton import advantages, logprobs, loss, scale
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Production vocabularies: a multiple of 16, a multiple of 8 only, odd; and a short row.
@@ -149,3 +149,12 @@ def test_group_advantages_kernel(has_inject, scale, stats, has_index, has_teache
         assert (launch.kwargs["HAS_INDEX"], launch.kwargs["HAS_TEACHER_R"]) == \
             (has_index, has_teacher_r)
         compile_sm90(launch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_rows_kernel(dtype):
+    """The backward's device-side scale: a data-dependent branch on a loaded scalar."""
+    x = torch.zeros(2, 4, 32001, dtype=dtype)[:, :-1]
+    with capture(scale.scale_rows_kernel) as launches:
+        scale.scale_gradient_(x, torch.tensor(2.0))
+    assert compile_sm90(only_launch(launches)).local_bytes == 0
