@@ -1,6 +1,7 @@
 """hapo-kernels: fused Triton kernels for GRPO-family RL and HAPO (docs/design.md section 8)."""
 from .advantages import group_advantages
 from .backends import force_backend, set_default_backend
+from .inputs import value_checks
 from .linear import (
                      FusedLinearHAPOLoss,
                      FusedLinearHAPOLossFunction,
@@ -21,4 +22,4 @@ __all__ = ["IGNORE_INDEX", "LossOptions", "AdvantageOptions", "LossOutput", "OBJ
            "FusedHAPOLoss", "FusedHAPOLossFunction", "fused_linear_hapo_loss",
            "FusedLinearHAPOLoss", "FusedLinearHAPOLossFunction",
            "fused_linear_selective_log_softmax", "FusedLinearSelectiveLogSoftmaxFunction",
-           "force_backend", "set_default_backend", "__version__"]
+           "force_backend", "set_default_backend", "value_checks", "__version__"]

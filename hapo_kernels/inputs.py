@@ -7,6 +7,8 @@ and the vocab-parallel path read; ``loss_inputs`` builds it from the caller's ar
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
@@ -14,12 +16,35 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 
 from .aggregation import aggregation_weights
+from .backends import scoped
 from .options import IGNORE_INDEX, LOGIT_DTYPES, LossOptions, check_bool, check_ignore_index
 from .packed import Segments, packed_segments, per_token
 
 # A vocabulary size for ``check_logits_and_targets`` that checks only the lower bound of the
 # target ids: a vocabulary slice, whose whole size is known after the ranks' handshake.
 UNBOUNDED = 1 << 62
+
+# --------------------------------------------------------------------------- value checks
+# The checks that read tensor values (target ids in range, finite rewards and per-token
+# inputs) each wait for the device: one host read per call. On by default; a CUDA training
+# loop that wants no host sync (CUDA graphs, CPU/GPU overlap) turns them off for a block.
+_value_checks: contextvars.ContextVar = contextvars.ContextVar("hapo_value_checks",
+                                                               default=True)
+
+
+def value_checks_enabled() -> bool:
+    """Whether the checks that read tensor values run (``value_checks``)."""
+    return _value_checks.get()
+
+
+def value_checks(enabled: bool) -> contextlib.AbstractContextManager:
+    """``with hk.value_checks(False):`` skips the checks that read tensor values (target ids
+    in range, finite rewards, advantages, old/ref log-probs and rollout weights) inside the
+    block, so a call on CUDA launches without waiting for the device. Shapes, dtypes,
+    devices and options are still checked; a bad value then gives a bad result, not a
+    ``ValueError``."""
+    return scoped(_value_checks, check_bool("enabled", enabled))
+
 
 # --------------------------------------------------------------------------- tensor checks
 def check_target_ids(target_ids: Any, row_shape: Sequence[int], V: int, device: torch.device,
@@ -47,6 +72,8 @@ def check_target_ids(target_ids: Any, row_shape: Sequence[int], V: int, device: 
     if target_ids.device != device:
         raise ValueError(f"target_ids is on {target_ids.device} but {source} on {device}")
     valid = target_ids != ignore_index
+    if not value_checks_enabled():
+        return
     if target_ids.numel() and bool(((target_ids < 0) | (target_ids >= V))[valid].any()):
         bad = target_ids[valid & ((target_ids < 0) | (target_ids >= V))][0].item()
         raise ValueError(f"target_ids holds {bad}, outside [0, {V}) (ignore_index="
@@ -96,7 +123,8 @@ def check_finite_rewards(rewards: torch.Tensor, *, group_size: Optional[int] = N
     or ``rewards[offsets[p]:offsets[p+1]]``). A NaN would make its group's (or, with
     ``scale="batch"``, the batch's) statistics NaN: never zeroed silently. One reduction
     over the rewards on their device."""
-    if not rewards.dtype.is_floating_point or bool(torch.isfinite(rewards).all()):
+    if not value_checks_enabled() or not rewards.dtype.is_floating_point \
+            or bool(torch.isfinite(rewards).all()):
         return
     i = int(torch.nonzero(~torch.isfinite(rewards))[0])
     if offsets is None:
@@ -285,7 +313,7 @@ def check_finite_where_counted(valid: torch.Tensor, **tensors: Optional[torch.Te
     """
     named = [(name, t if t.dim() == valid.dim() else t[:, None].expand(valid.shape))
              for name, t in tensors.items() if t is not None]
-    if not named or valid.numel() == 0:
+    if not named or valid.numel() == 0 or not value_checks_enabled():
         return
     bad = torch.stack([(~torch.isfinite(t) & valid).any() for _, t in named]).tolist()
     for (name, t), is_bad in zip(named, bad):
@@ -422,7 +450,8 @@ def loss_inputs(source: torch.Tensor, target_ids: torch.Tensor,
                            per_token("rollout_is_weights", rollout_is_weights, segments), True)
         if rollout_is.dim() == 1:
             rollout_is = rollout_is[:, None].expand(shape2d)
-        if bool((rollout_is < 0).any()) or not bool(torch.isfinite(rollout_is).all()):
+        if value_checks_enabled() and (bool((rollout_is < 0).any())
+                                       or not bool(torch.isfinite(rollout_is).all())):
             raise ValueError("rollout_is_weights must be finite and >= 0")
     targets = target_ids.reshape(shape2d)
     valid = targets != ignore_index

@@ -927,3 +927,29 @@ def test_non_finite_per_token_inputs(backend, name, bad):
     want, want_grad = run_ours(x, y, clean["advantages"], kw)
     assert out.loss.item() == pytest.approx(want.loss.item(), rel=1e-6)
     torch.testing.assert_close(grad, want_grad)
+
+
+def test_value_checks_can_be_turned_off(backend, monkeypatch):
+    """``hk.value_checks(False)``: no check reads a tensor value on the host (a CUDA call
+    launches without waiting); the default still refuses a bad target id."""
+    x, y, adv, kw = make_inputs((2, 3, 37))
+    _, grad = run_ours(x, y, adv, kw)
+    bad = y.clone()
+    bad[0, 0] = 37
+    with pytest.raises(ValueError, match="target_ids"):
+        hk.fused_hapo_loss(x, bad, adv, **kw)
+    with hk.value_checks(False):
+        xg = x.clone().requires_grad_()
+        out = hk.fused_hapo_loss(xg, y, adv, **kw)
+        reads = []
+        for name, value in (("__bool__", True), ("__float__", 0.0), ("__int__", 0),
+                            ("item", 0), ("tolist", [])):
+            monkeypatch.setattr(torch.Tensor, name,
+                                lambda t, value=value: reads.append(t) or value)
+        hk.fused_hapo_loss(x.clone().requires_grad_(), y, adv, **kw)
+        monkeypatch.undo()
+        out.loss.backward()
+    assert reads == [] or backend == "cpu"      # the CPU path itself reads values (no sync)
+    torch.testing.assert_close(xg.grad, grad)
+    with pytest.raises(ValueError, match="enabled"):
+        hk.value_checks("no")
