@@ -20,13 +20,12 @@ from torch import nn
 from . import head
 from .backends import backend_for
 from .inputs import LossInputs, check_target_ids
-from .loss import data_parallel, finish_forward, loss_output, prepare_loss
+from .loss import call_arguments, data_parallel, finish_forward, loss_output, prepare_loss
 from .options import (
     IGNORE_INDEX,
     LOGIT_DTYPES,
     AdvantageOptions,
     LossOptions,
-    canonical_arguments,
     check_bool,
     check_ignore_index,
     check_temperature,
@@ -184,12 +183,10 @@ def fused_linear_hapo_loss(hidden: torch.Tensor, weight: torch.Tensor,
     Token-level ratios with full-width chunks make each chunk's logits once; sequence-level
     ratios (GSPO) or vocabulary blocks make them twice (a statistics pass, then the gradient pass).
     """
-    option_values, tensors = canonical_arguments(
-        option_values, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
-        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
-    mask, old_logp, ref_logp = tensors["mask"], tensors["old_logp"], tensors["ref_logp"]
-    rollout_is_weights, sampling_logp = tensors["rollout_is_weights"], tensors["sampling_logp"]
-    opts, adv_opts = split_options(option_values, options, advantage_options)
+    (opts, adv_opts), (mask, old_logp, ref_logp, rollout_is_weights, sampling_logp) = \
+        call_arguments(option_values, options, advantage_options, mask=mask, old_logp=old_logp,
+                       ref_logp=ref_logp, rollout_is_weights=rollout_is_weights,
+                       sampling_logp=sampling_logp)
     error = chunks = None
     try:
         check_bool("inplace_grad", inplace_grad)

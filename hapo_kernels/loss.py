@@ -9,7 +9,7 @@ a token needs its sequence or other ranks). The backward only scales the saved g
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -309,6 +309,16 @@ def loss_output(results: tuple, inputs: LossInputs) -> LossOutput:
     )
 
 
+def call_arguments(option_values: dict, options: Optional[LossOptions],
+                   advantage_options: Optional[AdvantageOptions],
+                   **tensors: Optional[torch.Tensor]) -> Tuple[tuple, tuple]:
+    """A loss call's options and per-token tensors under our names (other libraries'
+    spellings taken out of ``option_values``): ``((opts, adv_opts), tensors in order)``."""
+    option_values, named = canonical_arguments(option_values, **tensors)
+    return (split_options(option_values, options, advantage_options),
+            tuple(named[name] for name in tensors))
+
+
 def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
                     advantages: Optional[torch.Tensor] = None,
                     mask: Optional[torch.Tensor] = None,
@@ -366,12 +376,10 @@ def fused_hapo_loss(logits: torch.Tensor, target_ids: torch.Tensor,
     ``process_group`` (data-parallel): ``"dapo"`` and ``"token-mean"`` divide by the
     group's token count over its size; with ``rewards=``, groups may span its ranks.
     """
-    option_values, tensors = canonical_arguments(
-        option_values, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
-        rollout_is_weights=rollout_is_weights, sampling_logp=sampling_logp)
-    mask, old_logp, ref_logp = tensors["mask"], tensors["old_logp"], tensors["ref_logp"]
-    rollout_is_weights, sampling_logp = tensors["rollout_is_weights"], tensors["sampling_logp"]
-    opts, adv_opts = split_options(option_values, options, advantage_options)
+    (opts, adv_opts), (mask, old_logp, ref_logp, rollout_is_weights, sampling_logp) = \
+        call_arguments(option_values, options, advantage_options, mask=mask, old_logp=old_logp,
+                       ref_logp=ref_logp, rollout_is_weights=rollout_is_weights,
+                       sampling_logp=sampling_logp)
     grad_wanted = torch.is_grad_enabled() and isinstance(logits, torch.Tensor) \
         and logits.requires_grad
     error = None

@@ -165,18 +165,24 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor,
 VERL_LOGPROBS_FROM_LOGITS = verl_F.logprobs_from_logits   # verl's own, kept for comparison
 
 
+def _replace_in_verl_modules(attr: str, original: Any, replacement: Any) -> list:
+    """Set ``attr`` to ``replacement`` in every loaded verl module whose ``attr`` is
+    ``original`` (verl modules import these functions by name); the patched names."""
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if (name == "verl" or name.startswith("verl.")) and \
+                getattr(module, attr, None) is original:
+            setattr(module, attr, replacement)
+            patched.append(name)
+    return sorted(patched)
+
+
 def patch_logprobs_from_logits() -> list:
     """Replace verl's ``logprobs_from_logits`` in ``verl.utils.torch_functional`` and in
     every loaded verl module that imported it by name; returns the patched module names.
     Modules imported later take ours from ``verl.utils.torch_functional``."""
-    original = VERL_LOGPROBS_FROM_LOGITS
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if (name == "verl" or name.startswith("verl.")) and \
-                getattr(module, "logprobs_from_logits", None) is original:
-            module.logprobs_from_logits = logprobs_from_logits
-            patched.append(name)
-    return sorted(patched)
+    return _replace_in_verl_modules("logprobs_from_logits", VERL_LOGPROBS_FROM_LOGITS,
+                                    logprobs_from_logits)
 
 
 # --------------------------------------------------------------------------- in the workers
@@ -208,13 +214,7 @@ def patch_ppo_loss() -> list:
     """Put ``hapo_ppo_loss`` in place of verl's ``ppo_loss`` in ``verl.workers.utils.losses``
     and every loaded verl module that imported it (the actor worker builds its loss from
     ``verl.workers.engine_workers.ppo_loss`` in ``init_model``); returns their names."""
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if (name == "verl" or name.startswith("verl.")) and \
-                getattr(module, "ppo_loss", None) is _verl_ppo_loss:
-            module.ppo_loss = hapo_ppo_loss
-            patched.append(name)
-    return sorted(patched)
+    return _replace_in_verl_modules("ppo_loss", _verl_ppo_loss, hapo_ppo_loss)
 
 
 # --------------------------------------------------------------------------- policy loss
