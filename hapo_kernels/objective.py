@@ -32,8 +32,14 @@ class Objective:
     """One on-policy objective: ``loss(rho, logp, A, opts)`` per token and its clip flags.
 
     ``rho`` is the importance ratio (gradient flowing to ``logp``), ``logp`` the token's
-    log-probability, ``A`` its advantage. ``clipped(rho, A, opts)`` gives the
-    ``(low, high)`` flags the metrics count (``rho`` detached).
+    log-probability, ``A`` its advantage. ``clipped(rho, A, opts, log_ratio)`` gives the
+    ``(low, high)`` flags the metrics count (``rho`` detached; ``log_ratio`` the token's own
+    ``logp - old_logp``, detached, which GMPO's flags read).
+
+    ``ratio``, where set, is the objective's own importance ratio in place of
+    ``importance_ratio``'s: ``ratio(log_ratio, A, valid, opts, segments)`` with gradient
+    (GMPO: the geometric mean of a sequence's clipped token ratios). It is per sequence, so
+    such an objective runs statistics-first too.
 
     ``sequence_weight``, where set, is a per-sequence weight without gradient that multiplies
     the token's loss (VESPO's gamma weight): ``sequence_weight(log_ratio, A, valid,
@@ -48,6 +54,12 @@ class Objective:
     loss: Callable[[Tensor, Tensor, Tensor, LossOptions], Tensor]
     clipped: Callable[[Tensor, Tensor, LossOptions], tuple]
     sequence_weight: Optional[Callable[..., Tensor]] = None
+    ratio: Optional[Callable[..., Tensor]] = None
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused Triton kernel has a branch for it: per-token terms only."""
+        return self.sequence_weight is None and self.ratio is None
 
 
 def _capped(rho, opts):
@@ -65,7 +77,7 @@ def _clip_loss(rho, logp, A, opts):
     return loss
 
 
-def _clip_flags(rho, A, opts):
+def _clip_flags(rho, A, opts, log_ratio):
     # TRL counts the clip regions on the delta-capped ratio.
     r = _capped(rho, opts)
     return (r < 1.0 - opts.eps_low) & (A < 0), (r > 1.0 + opts.eps_high) & (A > 0)
@@ -78,7 +90,7 @@ def _cispo_loss(rho, logp, A, opts):
     return -torch.clamp(rho, max=opts.eps_high).detach() * A * logp
 
 
-def _cispo_flags(rho, A, opts):
+def _cispo_flags(rho, A, opts, log_ratio):
     return torch.zeros_like(rho, dtype=torch.bool), (rho > opts.eps_high) & (A > 0)
 
 
@@ -90,7 +102,7 @@ def _sapo_loss(rho, logp, A, opts):
     return -torch.sigmoid(tau * (rho - 1.0)) * (4.0 / tau) * A
 
 
-def _no_flags(rho, A, opts):
+def _no_flags(rho, A, opts, log_ratio):
     none = torch.zeros_like(rho, dtype=torch.bool)
     return none, none
 
@@ -140,9 +152,55 @@ def _verl_cispo_loss(rho, logp, A, opts):
     return -torch.clamp(rho, 1.0 - opts.eps_low, 1.0 + opts.eps_high).detach() * A * logp
 
 
-def _verl_cispo_flags(rho, A, opts):
+def _verl_cispo_flags(rho, A, opts, log_ratio):
     """verl counts every token whose ratio the clip moved, whatever the sign of A."""
     return rho < 1.0 - opts.eps_low, rho > 1.0 + opts.eps_high
+
+
+def sequence_mean(x: Tensor, valid: Tensor, segments: Optional[Segments] = None) -> Tensor:
+    """Each token gets the mean of ``x`` over its sequence's valid tokens (0 for a sequence
+    without one), in ``x``'s shape: a row of ``[B, T]`` or a segment of packed tokens.
+    Differentiable w.r.t. ``x``."""
+    m = valid.to(x.dtype)
+    if segments is not None:
+        return segments.mean(x, m)
+    return ((m * x).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)).expand_as(x)
+
+
+def _geo_mean_ratio(log_ratio, A, valid, opts, segments):
+    """GMPO (verl's ``geo_mean``): per sequence, ``exp`` of the mean over its valid tokens of
+    each token's log-ratio clipped on the side its advantage makes pessimistic,
+    ``sgn(A) min(sgn(A) r, sgn(A) clip(r, -eps_low, eps_high))``: for ``A > 0`` at most
+    ``eps_high``, for ``A < 0`` at least ``-eps_low``, for ``A = 0`` zero (the clip is in log
+    space). No gradient where the clip bites (torch's ``minimum``, as verl)."""
+    sgn = torch.sign(A)
+    clipped = torch.clamp(log_ratio, -opts.eps_low, opts.eps_high)
+    pessimistic = sgn * torch.minimum(sgn * log_ratio, sgn * clipped)
+    return torch.exp(sequence_mean(pessimistic, valid, segments))
+
+
+def _geo_mean_loss(rho, logp, A, opts):
+    """GMPO: ``-A rho`` with ``rho`` the sequence's geometric-mean ratio; averaged over a
+    sequence's tokens (``seq-mean-token-mean``) it is verl's ``-mean(A) rho`` per sequence."""
+    return -rho * A
+
+
+def _geo_mean_flags(rho, A, opts, log_ratio):
+    """verl's geo_mean counts a token whose own log-ratio is outside ``[-eps_low, eps_high]``
+    (either side): as clipped high where ``A > 0``, low where ``A < 0``."""
+    outside = (log_ratio < -opts.eps_low) | (log_ratio > opts.eps_high)
+    return outside & (A < 0), outside & (A > 0)
+
+
+def _geo_mean_weight(log_ratio, A, valid, rollout_is, opts, segments):
+    """verl's geo_mean takes the rollout weights per sequence, as their geometric mean over
+    its valid tokens ``exp(mean_t log(w_t + 1e-10))`` (1 without weights); no gradient."""
+    if rollout_is is None:
+        return torch.ones_like(log_ratio)
+    with torch.no_grad():
+        log_w = torch.log(rollout_is.to(log_ratio.dtype) + 1e-10)
+        return torch.exp(sequence_mean(torch.where(valid, log_w, torch.zeros_like(log_w)),
+                                       valid, segments))
 
 
 OBJECTIVES = {o.name: o for o in (
@@ -155,6 +213,8 @@ OBJECTIVES = {o.name: o for o in (
                            "vespo_lambda_neg"), _vespo_loss, _no_flags, _vespo_weight),
     Objective("unclipped", 4, (), _unclipped_loss, _no_flags),
     Objective("verl_cispo", 5, ("eps_low", "eps_high"), _verl_cispo_loss, _verl_cispo_flags),
+    Objective("geo_mean", 6, ("eps_low", "eps_high"), _geo_mean_loss, _geo_mean_flags,
+              _geo_mean_weight, _geo_mean_ratio),
 )}
 
 
@@ -200,22 +260,23 @@ def log_ratio(logp: Tensor, old_logp: Optional[Tensor], valid: Tensor) -> Tensor
 
 
 def importance_ratio(logp: Tensor, old_logp: Optional[Tensor], valid: Tensor,
-                     opts: LossOptions, segments: Optional[Segments] = None) -> Tensor:
+                     opts: LossOptions, segments: Optional[Segments] = None,
+                     advantages: Optional[Tensor] = None) -> Tensor:
     """``rho``: per token, or per sequence (GSPO: the exp of the mean log-ratio of a
     sequence, a row of ``[B, T]`` or a segment of packed tokens), gradient to ``logp``;
-    the log-ratio clamped by ``opts.log_ratio_clamp`` when set."""
+    the log-ratio clamped by ``opts.log_ratio_clamp`` when set. An objective with its own
+    ratio (GMPO) gets each token's log-ratio, clamped to ``[-c, c]`` first, and
+    ``advantages``."""
     r = log_ratio(logp, old_logp, valid)
     c = opts.log_ratio_clamp
+    own_ratio = OBJECTIVES[opts.objective].ratio
+    if own_ratio is not None:
+        return own_ratio(r if c is None else torch.clamp(r, -c, c), advantages, valid, opts,
+                         segments)
     if not opts.sequence_level:
         # torch.clamp passes no gradient where it clamps, as verl's ratio does.
         return torch.exp(r if c is None else torch.clamp(r, -c, c))
-    m = valid.to(logp.dtype)
-    if segments is not None:
-        seq = segments.mean(r, m)
-    else:
-        seq = (m * r).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-    if segments is None:
-        seq = seq.expand_as(logp)
+    seq = sequence_mean(r, valid, segments)
     if opts.importance_sampling == "sequence_token":
         # GSPO-token (verl's gspo): the value is the sequence's, the gradient the token's.
         seq = r - r.detach() + seq.detach()
@@ -246,7 +307,7 @@ def token_objective(logp: Tensor, entropy: Optional[Tensor], advantages: Tensor,
     """
     dt = logp.dtype
     A = advantages.to(dt)
-    rho = importance_ratio(logp, old_logp, valid, opts, segments)
+    rho = importance_ratio(logp, old_logp, valid, opts, segments, A)
     objective = OBJECTIVES[opts.objective]
     on_policy = objective.loss(rho, logp, A, opts)
     if objective.sequence_weight is not None:
@@ -274,7 +335,7 @@ def token_objective(logp: Tensor, entropy: Optional[Tensor], advantages: Tensor,
 
     counted = valid if teacher_objective.counts_clips else valid & ~teacher
     rd = rho.detach()
-    low, high = objective.clipped(rd, A, opts)
+    low, high = objective.clipped(rd, A, opts, log_ratio(logp.detach(), old_logp, valid))
     zero = torch.zeros((), dtype=dt, device=logp.device)
     return TokenObjective(loss=torch.where(valid, loss, zero), ratio=rd,
                           clip_low=counted & low, clip_high=counted & high,

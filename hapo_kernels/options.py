@@ -177,12 +177,15 @@ class LossOptions(_Options):
     Args:
         temperature: logits are divided by it (> 0).
         objective: the on-policy per-token objective, a name of ``objective.OBJECTIVES``
-            (``"clip"``: PPO/GRPO/DAPO/GSPO).
+            (``"clip"``: PPO/GRPO/DAPO/GSPO; ``"geo_mean"``: GMPO, verl's ``geo_mean``,
+            which clips each token's log-ratio to ``[-eps_low, eps_high]``).
         eps_low, eps_high: the clip range ``[1 - eps_low, 1 + eps_high]``.
         dual_clip: verl's ``clip_ratio_c`` (> 1): for ``A < 0`` the loss is at most ``-c A``.
         beta: weight of the k3 KL to the reference policy (needs ``ref_logp``).
         entropy_coef: ``loss -= entropy_coef * entropy`` per token.
-        importance_sampling: ``"token"`` ratios, or ``"sequence"`` (GSPO).
+        importance_sampling: ``"token"`` ratios, ``"sequence"`` (GSPO; required by
+            ``"geo_mean"``, whose sequence ratio is its own) or ``"sequence_token"``
+            (GSPO-token).
         teacher_objective: for teacher tokens (``objective.TEACHER_OBJECTIVES``).
         teacher_gamma: ``f(p) = p / (p + gamma)`` of the shaped teacher objective.
         sft_weight: ``w`` of the ``"sft"`` teacher objective ``-w log p``.
@@ -193,7 +196,8 @@ class LossOptions(_Options):
             ``loss_scale_factor``.
         log_ratio_clamp: ``c > 0`` clamps the log-ratio before the exp, with no gradient
             where it clamps (verl's): a token-level log-ratio to ``[-c, c]`` (verl's vanilla,
-            cispo, sapo: 20), a sequence-level one from above at ``c`` (verl's gspo: 10).
+            cispo, sapo: 20), a sequence-level one from above at ``c`` (verl's gspo: 10);
+            with ``"geo_mean"`` each token's log-ratio to ``[-c, c]`` before its clip.
             None: no clamp (TRL).
         num_sequences: the sequence count of the ``seq-mean-*`` modes (default: the batch's
             rows that hold a valid token; every row under TRL's aliases); verl's
@@ -293,6 +297,11 @@ class LossOptions(_Options):
             loss_scale=number("loss_scale", self.loss_scale, low=0.0, low_open=True),
         )
         agg = resolve_aggregation(self.aggregation)
+        if OBJECTIVES[checked["objective"]].ratio is not None and \
+                checked["importance_sampling"] != "sequence":
+            raise ValueError(f"objective={checked['objective']!r} has a per-sequence ratio of its "
+                             "own (the geometric mean of its tokens' clipped ratios): pass "
+                             "importance_sampling='sequence'")
         if checked["dp_size"] > 1:
             if agg == "token-mean" and checked["normalizer"] is None:
                 raise ValueError("dp_size > 1 needs normalizer (the global token count, "
@@ -317,9 +326,10 @@ class LossOptions(_Options):
     def statistics_first(self) -> bool:
         """Whether a token's loss needs statistics of its sequence or of the batch, so the
         loss runs as a statistics pass then a gradient pass (``twopass.py``): sequence-level
-        ratios, an objective with a per-sequence weight (VESPO), the entropy-quantile and
-        off-policy masks, and the batch-mean entropy bonus (where it differs per token)."""
-        return (self.sequence_level or OBJECTIVES[self.objective].sequence_weight is not None
+        ratios, an objective with a per-sequence weight or ratio (VESPO, GMPO), the
+        entropy-quantile and off-policy masks, and the batch-mean entropy bonus (where it
+        differs per token)."""
+        return (self.sequence_level or not OBJECTIVES[self.objective].fused
                 or self.top_entropy_quantile < 1.0
                 or self.off_policy_mask_threshold is not None
                 or (self.entropy_mean and self.entropy_coef != 0))

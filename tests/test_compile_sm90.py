@@ -94,7 +94,7 @@ def loss_launch(variant, V, dtype):
 # Every value of every flag of the loss kernel appears, and every objective of the table
 # that has a kernel branch (one with a sequence weight runs statistics-first); dtypes and
 # vocabularies rotate through them.
-KERNEL_OBJECTIVES = [o.code for o in OBJECTIVES.values() if o.sequence_weight is None]
+KERNEL_OBJECTIVES = [o.code for o in OBJECTIVES.values() if o.fused]
 LOSS_VARIANTS = [dict(HAS_OLD=o, HAS_REF=r, HAS_DUAL=d, USE_KL=r and k, USE_ENT=e,
                       TEACHER_OBJ=t, WRITE_GRAD=g, HAS_DELTA=dl, KL_BIAS=r and k and kb,
                       HAS_PW=pw, OBJECTIVE=KERNEL_OBJECTIVES[i % len(KERNEL_OBJECTIVES)])

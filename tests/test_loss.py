@@ -204,7 +204,15 @@ def split(cfg):
     inputs = {k: v for k, v in cfg.items() if k in INPUT_VALUES and k != "shape"}
     if opts["objective"] == "vespo" and inputs.get("rollout_is") == "sequence":
         inputs["rollout_is"] = "token"     # VESPO takes per-token weights only (TRL too)
-    return opts, inputs
+    return with_own_ratio(opts), inputs
+
+
+def with_own_ratio(opts):
+    """An objective with its own sequence ratio (GMPO) takes importance_sampling="sequence"
+    only (any other value is a ValueError, tested in test_options.py)."""
+    if hk.OBJECTIVES[opts["objective"]].ratio is not None:
+        opts = dict(opts, importance_sampling="sequence")
+    return opts
 
 
 @pytest.mark.parametrize("cfg", pairwise_configs(), ids=lambda c: "-".join(
@@ -228,7 +236,7 @@ def test_full_option_product_cpu():
     with force_backend("cpu"):
         for i, vals in enumerate(combos):
             agg, extra = AGGREGATIONS[i % len(AGGREGATIONS)]
-            opts = dict(zip(names, vals), aggregation=agg, **extra)
+            opts = with_own_ratio(dict(zip(names, vals), aggregation=agg, **extra))
             out, grad = run_ours(x, y, adv, kw, **opts)
             ref, ref_grad = run_reference(x, y, adv, kw, **opts)
             assert_close_to_reference(out, grad, ref, ref_grad)
@@ -238,7 +246,8 @@ def test_full_option_product_cpu():
 @pytest.mark.parametrize("per_token_adv", [False, True])
 def test_packed_input(backend, per_token_adv):
     x, y, adv, kw = make_inputs((2, 4, 37), packed=True, per_token_adv=per_token_adv)
-    for opts in (dict(), dict(importance_sampling="sequence", entropy_coef=0.01, beta=0.1)):
+    for opts in (dict(), dict(importance_sampling="sequence", entropy_coef=0.01, beta=0.1),
+                 dict(objective="geo_mean", importance_sampling="sequence", eps_low=0.1)):
         out, grad = run_ours(x, y, adv, kw, **opts)
         ref, ref_grad = run_reference(x, y, adv, kw, **opts)
         assert out.per_token_logp.shape == y.shape
@@ -833,6 +842,9 @@ def test_one_pass_options_match_reference(backend, cfg):
     (dict(), dict(rollout_is_weights=torch.ones(3, 4)), "rollout_is_weights"),
     (dict(objective="vespo"), dict(rollout_is_weights=torch.ones(3)), "rollout_is_weights"),
     (dict(), dict(sampling_logp=torch.zeros(3)), "sampling_logp"),
+    (dict(objective="geo_mean"), {}, "importance_sampling='sequence'"),
+    (dict(objective="geo_mean", importance_sampling="sequence_token"), {},
+     "importance_sampling='sequence'"),
 ])
 def test_bad_trl_options_raise(opts, kw_extra, word):
     x, y, adv, kw = make_inputs((3, 5, 11))

@@ -250,3 +250,45 @@ def test_rollout_weights_multiply_the_policy_term_only():
     weighted = token_objective(logp, None, A, valid, ref_logp=ref, rollout_is=w, opts=opts)
     kl = 0.1 * plain.kl
     torch.testing.assert_close(weighted.loss, w * (plain.loss - kl) + kl)
+
+
+def test_geo_mean_by_hand():
+    """GMPO (verl's geo_mean): each token's log-ratio clipped on its advantage's side, the
+    sequence ratio the exp of their mean, l = -A rho per token; flags on the token's own
+    log-ratio outside [-eps_low, eps_high]; rollout weights as their geometric mean."""
+    logp = torch.zeros(1, 4, dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[-0.5, 0.6, 0.5, -0.4]], dtype=torch.float64)     # d = -old
+    A = torch.tensor([[1.0, 1.0, -1.0, 0.0]], dtype=torch.float64)
+    w = torch.tensor([[1.0, 2.0, 0.5, 4.0]], dtype=torch.float64)
+    opts = LossOptions(objective="geo_mean", importance_sampling="sequence", eps_low=0.2,
+                       eps_high=0.3)
+    out = token_objective(logp, torch.zeros_like(logp), A, torch.ones(1, 4, dtype=torch.bool),
+                          old_logp=old, rollout_is=w, opts=opts)
+    # d = 0.5, A > 0: capped at 0.3 (no gradient); d = -0.6, A > 0: kept; d = -0.5, A < 0:
+    # raised to -0.2 (no gradient); A = 0: 0. Mean -0.125 over 4 tokens.
+    rho = math.exp((0.3 - 0.6 - 0.2 + 0.0) / 4)
+    weight = (1.0 * 2.0 * 0.5 * 4.0) ** 0.25
+    torch.testing.assert_close(out.ratio[0], torch.full((4,), rho, dtype=torch.float64))
+    torch.testing.assert_close(out.loss[0], torch.tensor([-rho, -rho, rho, 0.0],
+                                                         dtype=torch.float64) * weight)
+    out.loss.sum().backward()              # -sum(A) rho w: only token 1's log-ratio is live
+    torch.testing.assert_close(logp.grad[0], torch.tensor([0.0, -rho * weight / 4, 0.0, 0.0],
+                                                          dtype=torch.float64))
+    assert out.clip_high[0].tolist() == [True, True, False, False]
+    assert out.clip_low[0].tolist() == [False, False, True, False]
+
+
+def test_geo_mean_masked_tokens_and_empty_rows():
+    """Masked tokens neither enter a row's mean nor its weight; a fully masked row has ratio
+    1 and loss 0."""
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    old = logp - torch.tensor([[0.1, 0.05, 9.0], [0.1, 0.1, 0.1]], dtype=torch.float64)
+    valid = torch.tensor([[True, True, False], [False, False, False]])
+    A = torch.ones(2, 3, dtype=torch.float64)
+    w = torch.tensor([[2.0, 8.0, 1e-30], [3.0, 3.0, 3.0]], dtype=torch.float64)
+    out = token_objective(logp, None, A, valid, old_logp=old, rollout_is=w,
+                          opts=LossOptions(objective="geo_mean", importance_sampling="sequence"))
+    rho = math.exp(0.075)
+    torch.testing.assert_close(out.loss[0], torch.tensor([-4 * rho, -4 * rho, 0.0],
+                                                         dtype=torch.float64))
+    assert out.ratio[1].tolist() == [1.0, 1.0, 1.0] and out.loss[1].abs().sum() == 0

@@ -74,11 +74,14 @@ AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence", "geo_mean"])
 @pytest.mark.parametrize("per_token_adv", [False, True])
 def test_packed_equals_padded(backend, aggregation, importance_sampling, per_token_adv):
+    """"geo_mean": GMPO's own sequence ratio (objective="geo_mean")."""
     b = make_batch()
-    opts = dict(aggregation=aggregation, importance_sampling=importance_sampling, beta=0.05,
+    ratio = dict(objective="geo_mean", importance_sampling="sequence") \
+        if importance_sampling == "geo_mean" else dict(importance_sampling=importance_sampling)
+    opts = dict(aggregation=aggregation, **ratio, beta=0.05,
                 entropy_coef=0.01, eps_low=0.1, eps_high=0.1, temperature=0.9,
                 teacher_objective="shaped")
     adv_packed = b["token_adv"] if per_token_adv else b["adv"]

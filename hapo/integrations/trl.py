@@ -477,7 +477,7 @@ class HAPOGRPOTrainer(GRPOTrainer):
             rho = out.per_token_ratio[:, :1]
             adv = inputs["advantages"].reshape(-1, 1).to(rho.dtype)
             low, high = OBJECTIVES[self._loss_options.objective].clipped(
-                rho, adv, self._loss_options)
+                rho, adv, self._loss_options, torch.log(rho))
             teacher = inputs.get("teacher_mask")
             if teacher is not None:         # teacher rows count only under "ratio"
                 counted = ~teacher.reshape(-1, 1).bool()

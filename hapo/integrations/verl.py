@@ -16,7 +16,8 @@ and, unless ``$HAPO_VERL_PATCH=0``, puts our ``logprobs_from_logits`` and ``hapo
 verl's. Have every verl process import it: ``VERL_USE_EXTERNAL_MODULES=hapo.integrations.verl``
 (``install``). HAPO end to end (gate, demonstrations in the batch): ``verl_trainer``.
 ``loss_options`` maps verl's actor config to the ``LossOptions`` under which
-``hk.fused_hapo_loss`` computes verl's vanilla, gspo, cispo or sapo loss from the logits.
+``hk.fused_hapo_loss`` computes verl's vanilla, gspo, cispo, sapo or geo_mean loss from the
+logits.
 """
 from __future__ import annotations
 
@@ -227,6 +228,12 @@ FUSED_LOSS_MODES = {
     # verl's sapo aggregates seq-mean-token-mean whatever loss_agg_mode says.
     "sapo": {"objective": "sapo", "log_ratio_clamp": 20.0,
              "aggregation": "seq-mean-token-mean"},
+    # verl's geo_mean (GMPO) clips in log space with no clamp and averages its sequence
+    # losses over every row, fully masked ones too, whatever loss_agg_mode and the global
+    # normalisers say: TRL's "grpo" mean with the global counts left out.
+    "geo_mean": {"objective": "geo_mean", "importance_sampling": "sequence",
+                 "log_ratio_clamp": None, "aggregation": "grpo", "normalizer": None,
+                 "num_sequences": None, "max_len": None, "dp_size": 1},
 }
 
 

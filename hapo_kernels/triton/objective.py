@@ -18,7 +18,8 @@ CLIP = tl.constexpr(OBJECTIVES["clip"].code)
 CISPO = tl.constexpr(OBJECTIVES["cispo"].code)
 VERL_CISPO = tl.constexpr(OBJECTIVES["verl_cispo"].code)
 SAPO = tl.constexpr(OBJECTIVES["sapo"].code)
-# VESPO's per-sequence weight needs a statistics pass: it never reaches this kernel.
+# VESPO's per-sequence weight and GMPO's per-sequence ratio need a statistics pass: they
+# never reach this kernel (``Objective.fused``).
 UNCLIPPED = tl.constexpr(OBJECTIVES["unclipped"].code)
 SHAPED = tl.constexpr(TEACHER_OBJECTIVES["shaped"].code)
 SFT = tl.constexpr(TEACHER_OBJECTIVES["sft"].code)

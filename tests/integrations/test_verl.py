@@ -334,6 +334,31 @@ def test_fused_loss_equals_verls_policy_loss(loss_mode, mode, global_info, weigh
     assert theirs_x.grad.abs().sum() > 0
 
 
+def test_fused_geo_mean_clip_flags_are_verls_metrics():
+    """verl's geo_mean metrics from the fused loss's per-token outputs: pg_clipfrac and
+    pg_clipfrac_lower are the masked means of the clip flags (a token whose own log-ratio
+    leaves [-clip_ratio_low, clip_ratio_high], by the sign of its advantage)."""
+    logp, old, adv, mask, _ = make_batch()
+    B, T, V = logp.shape[0], logp.shape[1], 23
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, T, V, generator=g) * 2
+    targets = torch.randint(0, V, (B, T), generator=g)
+    old = (verl_logprobs(logits, targets) + 0.4 * torch.randn(B, T, generator=g,
+                                                               dtype=torch.float64)).float()
+    config = actor_config(None, "geo_mean", clip_ratio_low=0.2, clip_ratio_high=0.28)
+    _, metrics = core_algos.get_policy_loss_fn("geo_mean")(
+        old_log_prob=old, log_prob=verl_logprobs(logits, targets).float(), advantages=adv,
+        response_mask=mask.bool(), loss_agg_mode="token-mean", config=config)
+    out = hk.fused_hapo_loss(logits, targets, adv, mask=mask, old_logp=old,
+                             options=hv.loss_options(config))
+    m = mask.bool()
+    high = out.per_token_clip_high[m].float().mean().item()
+    low = out.per_token_clip_low[m].float().mean().item()
+    assert high == pytest.approx(metrics["actor/pg_clipfrac"], abs=1e-6)
+    assert low == pytest.approx(metrics["actor/pg_clipfrac_lower"], abs=1e-6)
+    assert high > 0 and low > 0
+
+
 def test_readme_verl_snippet_runs():
     """The README's verl Python snippet, run as written on a verl actor config and a batch."""
     import pathlib
