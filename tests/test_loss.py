@@ -602,7 +602,7 @@ def configurations(draw):
                 sft_weight=draw(st.sampled_from([1.0, 0.5])))
     inputs = dict(old=draw(st.booleans()), per_token_adv=draw(st.booleans()),
                   per_token_teacher=draw(st.booleans()), seed=draw(st.integers(0, 10_000)))
-    return (B, T, V), opts, inputs
+    return (B, T, V), with_own_ratio(opts), inputs
 
 
 def _property(shape, opts, inputs):
