@@ -695,9 +695,9 @@ def test_two_processes_equal_one(model_dir, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
         rates.append(a["hapo/injection_rate"])
     assert len(set(rates)) > 1            # the annealed Thompson gate both opened and closed
-    # Adam divides by the gradient's running RMS, so a parameter whose gradient is near zero
-    # moves by up to a whole step (lr 1e-3) on float32 reduction-order noise: seen 1.2e-6 on
-    # some CPUs. A process that missed a gradient all-reduce is off by about a step.
+    # Adam divides by the gradient's running RMS, so float32 reduction-order noise in a
+    # near-zero gradient reaches the parameters amplified: 1.2e-6 seen on some CPUs. The
+    # bound, 1e-5, is a hundredth of one step (lr 1e-3).
     for name, p in one["params"].items():
         torch.testing.assert_close(two["params"][name], p, rtol=1e-5, atol=1e-5)
         assert not torch.equal(p, LlamaForCausalLM.from_pretrained(model_dir)
